@@ -1,0 +1,3 @@
+from uniond.daemon import main
+
+raise SystemExit(main())

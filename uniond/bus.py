@@ -1,0 +1,297 @@
+"""The D-Bus face of uniond: translates calls to the manager and back. Nothing more.
+
+This is the only module that imports the D-Bus library (dbus-next), so swapping it for
+its API-compatible fork dbus-fast stays a change of the imports below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import logging
+from collections import OrderedDict
+from typing import Any
+
+from dbus_next import BusType, Message, MessageType, Variant
+from dbus_next.aio import MessageBus
+from dbus_next.constants import NameFlag, PropertyAccess, RequestNameReply
+from dbus_next.errors import DBusError
+from dbus_next.service import ServiceInterface, dbus_property, method, signal
+
+from uniond import constants
+from uniond.errors import Failed, NotFound, UniondError
+from uniond.manager import MountManager, MountRequest
+from uniond.options import ForeignValue
+from uniond.records import MountRecord
+
+log = logging.getLogger(__name__)
+
+# dbus-next gives a method no access to its message; a message handler that runs first
+# stores the sender here, and the method (run in a copy of this context) reads it.
+_sender: contextvars.ContextVar[str] = contextvars.ContextVar("sender", default="")
+
+_PLAIN_SIGNATURES = {"b", "s", "t", "u", "i", "x", "n", "q", "y", "d", "as"}
+
+
+def _unwrap_options(raw: dict[str, Variant]) -> dict[str, Any]:
+    """Variants to Python values; types no option uses stay recognisably foreign."""
+    return {
+        key: v.value if v.signature in _PLAIN_SIGNATURES else ForeignValue(v.signature)
+        for key, v in raw.items()
+    }
+
+
+def _wrap(value: Any) -> Variant:
+    if isinstance(value, bool):
+        return Variant("b", value)
+    if isinstance(value, int):
+        return Variant("t", value)
+    return Variant("s", str(value))
+
+
+def mount_path(mount_id: str) -> str:
+    return f"{constants.MOUNT_PATH_PREFIX}/{mount_id}"
+
+
+def mount_id_of(path: str) -> str:
+    prefix = constants.MOUNT_PATH_PREFIX + "/"
+    if not path.startswith(prefix) or "/" in path[len(prefix) :]:
+        raise NotFound(f"{path!r} is not a uniond mount object; ListMounts gives valid paths")
+    return path[len(prefix) :]
+
+
+def translated(fn):
+    """Send UniondErrors under their own names and anything else as one-line Failed.
+
+    dbus-next would otherwise send a Python traceback to the caller.
+    """
+
+    @functools.wraps(fn)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await fn(*args, **kwargs)
+        except UniondError as e:
+            log.info("%s refused: %s", fn.__name__, e)
+            raise DBusError(e.dbus_name, str(e)) from None
+        except DBusError:
+            raise
+        except Exception as e:
+            log.exception("%s failed", fn.__name__)
+            text = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DBusError(Failed.dbus_name, f"{fn.__name__} failed: {text}") from None
+
+    return wrapper
+
+
+def _ignore_replied_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """dbus-next sends a DBusError raised by an async method as the reply, then lets it
+    escape to the event loop as well; it was answered, so it is not logged twice."""
+    if isinstance(context.get("exception"), DBusError):
+        return
+    loop.default_exception_handler(context)
+
+
+class MountInterface(ServiceInterface):
+    """org.uniond1.Mount: one object per mount, all properties read-only."""
+
+    def __init__(self, record: MountRecord) -> None:
+        super().__init__(constants.MOUNT_INTERFACE)
+        self.record = record
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Id(self) -> "s":
+        return self.record.id
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Mountpoint(self) -> "s":
+        return self.record.spec.mountpoint
+
+    @dbus_property(access=PropertyAccess.READ)
+    def LowerDirs(self) -> "as":
+        return list(self.record.spec.lowerdirs)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def UpperDir(self) -> "s":
+        return self.record.spec.upperdir
+
+    @dbus_property(access=PropertyAccess.READ)
+    def WorkDir(self) -> "s":
+        return self.record.spec.workdir
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ReadOnly(self) -> "b":
+        return self.record.spec.readonly
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Owner(self) -> "u":
+        return self.record.owner
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Created(self) -> "t":
+        return self.record.created_us
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Options(self) -> "a{sv}":
+        return {key: _wrap(value) for key, value in self.record.options.items()}
+
+
+class _Bus(MessageBus):
+    """dbus-next declares org.freedesktop.DBus.ObjectManager on every path and answers
+    GetManagedObjects itself, but sends InterfacesAdded/Removed from the object's own
+    path; the specification (and GDBus clients) expect them from the manager's."""
+
+    def _emit_interface_added(self, path, interface):
+        if self._disconnected or not path.startswith(constants.MOUNT_PATH_PREFIX + "/"):
+            return
+        values = {
+            prop.name: Variant(prop.signature, getattr(interface, prop.prop_getter.__name__))
+            for prop in ServiceInterface._get_properties(interface)
+        }
+        self.send(
+            Message.new_signal(
+                constants.MANAGER_PATH,
+                constants.OBJECT_MANAGER_INTERFACE,
+                "InterfacesAdded",
+                "oa{sa{sv}}",
+                [path, {interface.name: values}],
+            )
+        )
+
+    def _emit_interface_removed(self, path, removed_interfaces):
+        if self._disconnected or not path.startswith(constants.MOUNT_PATH_PREFIX + "/"):
+            return
+        self.send(
+            Message.new_signal(
+                constants.MANAGER_PATH,
+                constants.OBJECT_MANAGER_INTERFACE,
+                "InterfacesRemoved",
+                "oas",
+                [path, removed_interfaces],
+            )
+        )
+
+
+class ManagerInterface(ServiceInterface):
+    """org.uniond1.Manager: the methods callers use."""
+
+    def __init__(self, service: BusService) -> None:
+        super().__init__(constants.MANAGER_INTERFACE)
+        self.service = service
+        self.manager = service.manager
+
+    @method()
+    @translated
+    async def Mount(self, lowerdirs: "as", upperdir: "s", mountpoint: "s", options: "a{sv}") -> "o":
+        caller = await self.service.caller_uid()
+        request = MountRequest(tuple(lowerdirs), upperdir, mountpoint, _unwrap_options(options))
+        record = self.manager.mount(request, owner=caller)
+        return mount_path(record.id)
+
+    @method()
+    @translated
+    async def Unmount(self, mount: "o", options: "a{sv}"):
+        caller = await self.service.caller_uid()
+        self.manager.unmount(mount_id_of(mount), caller, _unwrap_options(options))
+
+    @method()
+    @translated
+    async def Diff(self, mount: "o", options: "a{sv}") -> "a(ss)":
+        mount_id = mount_id_of(mount)
+        changes = await asyncio.to_thread(self.manager.diff, mount_id, _unwrap_options(options))
+        return [[c.kind, c.path] for c in changes]
+
+    @method()
+    @translated
+    async def ListMounts(self) -> "ao":
+        return [mount_path(r.id) for r in self.manager.list()]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Version(self) -> "s":
+        return constants.VERSION
+
+    @signal()
+    def MountAdded(self, mount: str, mountpoint: str) -> "os":
+        return [mount, mountpoint]
+
+    @signal()
+    def MountRemoved(self, mount: str, mountpoint: str) -> "os":
+        return [mount, mountpoint]
+
+
+class BusService:
+    """Connects to the bus, exports the objects and keeps them in step with the manager."""
+
+    def __init__(self, manager: MountManager, address: str | None) -> None:
+        self.manager = manager
+        self.address = address
+        self.bus: MessageBus | None = None
+        self.interface = ManagerInterface(self)
+        self._uids: OrderedDict[str, int] = OrderedDict()  # unique names are never reused
+
+    async def connect(self) -> None:
+        if self.address:
+            self.bus = _Bus(bus_address=self.address, negotiate_unix_fd=True)
+        else:
+            self.bus = _Bus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
+        await self.bus.connect()
+        asyncio.get_running_loop().set_exception_handler(_ignore_replied_errors)
+        self.bus.add_message_handler(self._remember_sender)
+        self.bus.export(constants.MANAGER_PATH, self.interface)
+        for record in self.manager.list():
+            self.mount_added(record, announce=False)
+        self.manager.subscribe(self)
+        reply = await self.bus.request_name(constants.BUS_NAME, NameFlag.DO_NOT_QUEUE)
+        if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+            raise Failed(f"could not own {constants.BUS_NAME} ({reply.name}): is another uniond running?")
+
+    async def wait_for_disconnect(self) -> None:
+        assert self.bus is not None
+        await self.bus.wait_for_disconnect()
+
+    def disconnect(self) -> None:
+        if self.bus is not None:
+            self.bus.disconnect()
+
+    @staticmethod
+    def _remember_sender(msg: Message) -> None:
+        if msg.message_type == MessageType.METHOD_CALL:
+            _sender.set(msg.sender or "")
+
+    async def caller_uid(self) -> int:
+        """The uid of the calling connection, asked of the bus, never of the caller."""
+        sender = _sender.get()
+        if sender in self._uids:
+            return self._uids[sender]
+        assert self.bus is not None
+        reply = await self.bus.call(
+            Message(
+                destination="org.freedesktop.DBus",
+                path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus",
+                member="GetConnectionUnixUser",
+                signature="s",
+                body=[sender],
+            )
+        )
+        if reply is None or reply.message_type != MessageType.METHOD_RETURN:
+            raise Failed(f"the bus did not say who the caller {sender!r} is")
+        uid = int(reply.body[0])
+        self._uids[sender] = uid
+        if len(self._uids) > 1024:
+            self._uids.popitem(last=False)
+        return uid
+
+    # MountListener: keep the bus view equal to the manager's before a call returns (U3).
+    def mount_added(self, record: MountRecord, announce: bool = True) -> None:
+        assert self.bus is not None
+        path = mount_path(record.id)
+        self.bus.export(path, MountInterface(record))
+        if announce:
+            self.interface.MountAdded(path, record.spec.mountpoint)
+
+    def mount_removed(self, record: MountRecord) -> None:
+        assert self.bus is not None
+        path = mount_path(record.id)
+        self.bus.unexport(path)
+        self.interface.MountRemoved(path, record.spec.mountpoint)

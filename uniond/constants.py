@@ -1,0 +1,32 @@
+"""Every name that appears on the bus, in one place.
+
+Tools and users are written against these names (the D-Bus contract), so they are
+defined once here and imported everywhere else; a rename is then one diff line.
+"""
+
+from __future__ import annotations
+
+VERSION = "0.1.0"
+
+BUS_NAME = "org.uniond1"
+MANAGER_PATH = "/org/uniond1"
+MOUNT_PATH_PREFIX = "/org/uniond1/mount"
+
+MANAGER_INTERFACE = "org.uniond1.Manager"
+MOUNT_INTERFACE = "org.uniond1.Mount"
+OBJECT_MANAGER_INTERFACE = "org.freedesktop.DBus.ObjectManager"
+
+ERROR_PREFIX = "org.uniond1.Error"
+ERROR_INVALID_ARGUMENT = f"{ERROR_PREFIX}.InvalidArgument"
+ERROR_NOT_FOUND = f"{ERROR_PREFIX}.NotFound"
+ERROR_BUSY = f"{ERROR_PREFIX}.Busy"
+ERROR_ALREADY_MOUNTED = f"{ERROR_PREFIX}.AlreadyMounted"
+ERROR_NOT_PERMITTED = f"{ERROR_PREFIX}.NotPermitted"
+ERROR_FAILED = f"{ERROR_PREFIX}.Failed"
+
+SYSTEMD_UNIT = "uniond.service"
+
+DEFAULT_STATE_DIRECTORY = "/var/lib/uniond"
+DEFAULT_RUNTIME_DIRECTORY = "/run/uniond"
+DEFAULT_CONFIG_PATH = "/etc/uniond/uniond.conf"
+SYSTEM_BUS_SOCKET = "/run/dbus/system_bus_socket"

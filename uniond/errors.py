@@ -1,0 +1,39 @@
+"""One exception class per error the daemon reports.
+
+Each class carries its D-Bus error name so that the bus layer can translate any of
+them in one place without a lookup table that could drift from the classes.
+"""
+
+from __future__ import annotations
+
+from uniond import constants
+
+
+class UniondError(Exception):
+    """Base of every error a caller may see; the message must say what to fix."""
+
+    dbus_name: str = constants.ERROR_FAILED
+
+
+class InvalidArgument(UniondError):
+    dbus_name = constants.ERROR_INVALID_ARGUMENT
+
+
+class NotFound(UniondError):
+    dbus_name = constants.ERROR_NOT_FOUND
+
+
+class Busy(UniondError):
+    dbus_name = constants.ERROR_BUSY
+
+
+class AlreadyMounted(UniondError):
+    dbus_name = constants.ERROR_ALREADY_MOUNTED
+
+
+class NotPermitted(UniondError):
+    dbus_name = constants.ERROR_NOT_PERMITTED
+
+
+class Failed(UniondError):
+    dbus_name = constants.ERROR_FAILED
