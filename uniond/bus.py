@@ -92,6 +92,16 @@ def _ignore_replied_errors(loop: asyncio.AbstractEventLoop, context: dict[str, A
     loop.default_exception_handler(context)
 
 
+def _name_arguments(interface: ServiceInterface, names: dict[str, list[str]]) -> None:
+    """dbus-next leaves results and signal arguments unnamed; the contract names them."""
+    members = [*ServiceInterface._get_methods(interface), *ServiceInterface._get_signals(interface)]
+    for member in members:
+        intro = member.introspection
+        args = intro.out_args if hasattr(intro, "out_args") else intro.args
+        for arg, name in zip(args, names.get(member.name, []), strict=False):
+            arg.name = name
+
+
 class MountInterface(ServiceInterface):
     """org.uniond1.Mount: one object per mount, all properties read-only."""
 
@@ -179,6 +189,16 @@ class ManagerInterface(ServiceInterface):
         super().__init__(constants.MANAGER_INTERFACE)
         self.service = service
         self.manager = service.manager
+        _name_arguments(
+            self,
+            {
+                "Mount": ["mount"],
+                "Diff": ["changes"],
+                "ListMounts": ["mounts"],
+                "MountAdded": ["mount", "mountpoint"],
+                "MountRemoved": ["mount", "mountpoint"],
+            },
+        )
 
     @method()
     @translated

@@ -1,0 +1,78 @@
+"""Fixtures: every test that mounts runs as root in the private mount namespace that
+the README's test command creates (unshare -m), under pytest's temporary directories.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from harness import Bus, Client, Daemon, NotifySocket
+
+pytest_plugins = ["dbusmock.pytest_fixtures"]
+
+
+def _in_private_mount_namespace() -> bool:
+    # The README's command runs pytest under `unshare --mount`, whose parent is the shell.
+    return os.readlink("/proc/self/ns/mnt") != os.readlink(f"/proc/{os.getppid()}/ns/mnt")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _guard() -> None:
+    if os.geteuid() != 0:
+        pytest.exit("the tests mount real overlays: run them as root (see README)", returncode=2)
+    if not _in_private_mount_namespace():
+        pytest.exit("run the tests in a private mount namespace: use the README's test command", returncode=2)
+
+
+@pytest.fixture
+def bus():
+    # Outside pytest's private (0700) temporary tree, so unprivileged callers reach it too.
+    directory = tempfile.mkdtemp(prefix="uniond-test-bus-")
+    os.chmod(directory, 0o755)
+    b = Bus(Path(directory))
+    yield b
+    b.stop()
+    shutil.rmtree(directory)
+
+
+@pytest.fixture
+def daemon(tmp_path, bus):
+    """A started uniond; stopped (SIGTERM) at the end, its mounts taken down."""
+    d = Daemon(
+        bus=bus,
+        state_dir=tmp_path / "state",
+        runtime_dir=tmp_path / "run",
+        notify=NotifySocket(tmp_path / "notify.sock"),
+        log_path=tmp_path / "uniond.log",
+    )
+    d.start()
+    yield d
+    d.stop()
+    d.notify.close()
+    # Leave nothing mounted below the test's directory.
+    with open("/proc/self/mountinfo") as f:
+        targets = [line.split()[4] for line in f if line.split()[4].startswith(str(tmp_path))]
+    for target in reversed(targets):
+        subprocess.run(["umount", "-l", target], check=False)
+
+
+@pytest.fixture
+def client(daemon, bus):
+    c = Client(bus.address)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def layers(tmp_path):
+    """The seed's example: image1 with a and b, image2 with c, an empty upper and merge."""
+    for name in ("image1", "image2", "upper", "merge"):
+        (tmp_path / name).mkdir()
+    for path in ("image1/a", "image1/b", "image2/c"):
+        (tmp_path / path).write_text(path)
+    return tmp_path

@@ -1,0 +1,219 @@
+"""Real parts for the tests: a dbus-daemon configured as a system bus with the shipped
+policy, uniond started as its own process the way systemd starts it (with a real
+NOTIFY_SOCKET), and a small synchronous D-Bus client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dbus_next import Message, MessageType, Variant
+from dbus_next.aio import MessageBus
+from dbus_next.errors import DBusError
+
+from uniond import constants, privatebus
+
+ROOT = Path(__file__).resolve().parent.parent
+POLICY = ROOT / "dbus" / privatebus.POLICY_NAME
+
+
+class Bus:
+    """A private dbus-daemon with the system bus policy and uniond's policy file."""
+
+    def __init__(self, directory: Path) -> None:
+        self.process, self.address = privatebus.start(str(directory), POLICY)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+class NotifySocket:
+    """What systemd listens on: a datagram socket receiving sd_notify messages."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.setblocking(False)
+        self.messages: list[str] = []
+
+    def drain(self) -> list[str]:
+        while True:
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except BlockingIOError:
+                return self.messages
+
+    def wait_for(self, needle: str, timeout: float = 15, since: int = 0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for message in self.drain()[since:]:
+                if needle in message.split("\n"):
+                    return message
+            time.sleep(0.01)
+        raise AssertionError(f"no {needle!r} on NOTIFY_SOCKET within {timeout}s; got {self.messages}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@dataclass
+class Daemon:
+    """uniond as its own process, with the environment systemd would give it."""
+
+    bus: Bus
+    state_dir: Path
+    runtime_dir: Path
+    notify: NotifySocket
+    log_path: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen | None = None
+
+    @property
+    def config_path(self) -> Path:
+        return self.state_dir.parent / "uniond.conf"
+
+    def start(self, wait_ready: bool = True) -> None:
+        if not self.config_path.exists():
+            self.config_path.write_text('log_level = "debug"\n')
+        env = {
+            **os.environ,
+            "DBUS_SYSTEM_BUS_ADDRESS": self.bus.address,
+            "STATE_DIRECTORY": str(self.state_dir),
+            "RUNTIME_DIRECTORY": str(self.runtime_dir),
+            "NOTIFY_SOCKET": self.notify.path,
+            "PYTHONUNBUFFERED": "1",
+            **self.extra_env,
+        }
+        self._ready_index = len(self.notify.drain())
+        log = open(self.log_path, "a")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uniond", "--bus", "system", "--config", str(self.config_path)],
+            env=env,
+            stderr=log,
+            stdout=log,
+        )
+        log.close()
+        if wait_ready:
+            self.wait_ready()
+
+    def wait_ready(self) -> str:
+        return self.notify.wait_for("READY=1", since=self._ready_index)
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signum)
+
+    def stop(self) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.signal(signal.SIGTERM)
+        return self.process.wait(timeout=15)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.signal(signal.SIGKILL)
+        self.process.wait(timeout=15)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
+class CallError(Exception):
+    def __init__(self, name: str, text: str) -> None:
+        super().__init__(f"{name}: {text}")
+        self.name = name
+        self.text = text
+
+
+class Client:
+    """A synchronous D-Bus client on its own event loop, as a test reads best."""
+
+    def __init__(self, address: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.bus = self.loop.run_until_complete(self._connect(address))
+        self.signals: list[Message] = []
+        self.bus.add_message_handler(self._on_message)
+        self.call_raw(
+            "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch", "s",
+            [f"type='signal',sender='{constants.BUS_NAME}'"],
+        )
+
+    @staticmethod
+    async def _connect(address: str) -> MessageBus:
+        return await MessageBus(bus_address=address, negotiate_unix_fd=True).connect()
+
+    def _on_message(self, msg: Message) -> None:
+        if msg.message_type == MessageType.SIGNAL:
+            self.signals.append(msg)
+
+    def call_raw(self, destination, path, interface, member, signature="", body=None, unix_fds=None):
+        msg = Message(destination=destination, path=path, interface=interface, member=member,
+                      signature=signature, body=body or [], unix_fds=unix_fds or [])
+        reply = self.loop.run_until_complete(asyncio.wait_for(self.bus.call(msg), 60))
+        if reply.message_type == MessageType.ERROR:
+            raise CallError(reply.error_name, reply.body[0] if reply.body else "")
+        return reply.body
+
+    def call(self, member: str, signature: str = "", *body):
+        return self.call_raw(constants.BUS_NAME, constants.MANAGER_PATH, constants.MANAGER_INTERFACE,
+                             member, signature, list(body))
+
+    def mount(self, lowers, upper="", mountpoint="", **options) -> str:
+        opts = {k: Variant("b" if isinstance(v, bool) else "s", v) for k, v in options.items()}
+        return self.call("Mount", "asssa{sv}", [str(p) for p in lowers], str(upper), str(mountpoint), opts)[0]
+
+    def unmount(self, path: str, **options) -> None:
+        self.call("Unmount", "oa{sv}", path, {k: Variant("b", v) for k, v in options.items()})
+
+    def diff(self, path: str) -> list[tuple[str, str]]:
+        return [tuple(c) for c in self.call("Diff", "oa{sv}", path, {})[0]]
+
+    def list(self) -> list[str]:
+        return self.call("ListMounts")[0]
+
+    def props(self, path: str, interface: str = constants.MOUNT_INTERFACE) -> dict:
+        body = self.call_raw(constants.BUS_NAME, path, "org.freedesktop.DBus.Properties", "GetAll", "s", [interface])
+        return {k: v.value for k, v in body[0].items()}
+
+    def managed_objects(self) -> dict:
+        return self.call_raw(constants.BUS_NAME, constants.MANAGER_PATH,
+                             "org.freedesktop.DBus.ObjectManager", "GetManagedObjects")[0]
+
+    def introspect(self, path: str) -> str:
+        return self.call_raw(constants.BUS_NAME, path, "org.freedesktop.DBus.Introspectable", "Introspect")[0]
+
+    def pump(self, seconds: float = 0.1) -> None:
+        """Let queued signals arrive."""
+        self.loop.run_until_complete(asyncio.sleep(seconds))
+
+    def close(self) -> None:
+        self.bus.disconnect()
+        self.loop.run_until_complete(asyncio.sleep(0))
+        self.loop.close()
+
+
+def is_mounted(path: Path | str) -> bool:
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+__all__ = ["Bus", "CallError", "Client", "Daemon", "DBusError", "NotifySocket", "is_mounted"]
