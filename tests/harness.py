@@ -6,6 +6,7 @@ NOTIFY_SOCKET), and a small synchronous D-Bus client.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -210,10 +211,27 @@ class Client:
         self.loop.close()
 
 
+def run_as(uid: int, address: str, calls: list[list], gid: int | None = None) -> list[list]:
+    """Make Client calls from a process running as ``uid``: a real unprivileged caller.
+
+    Each call is [method, *args, options]; each result ["ok", value] or ["error", name, text].
+    """
+    path = [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    gid = uid if gid is None else gid
+    out = subprocess.run(
+        ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", sys.executable,
+         str(ROOT / "tests" / "as_user.py"), address, json.dumps(calls)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
 def is_mounted(path: Path | str) -> bool:
     target = os.path.realpath(path)
     with open("/proc/self/mountinfo") as f:
         return any(line.split()[4] == target for line in f)
 
 
-__all__ = ["Bus", "CallError", "Client", "Daemon", "DBusError", "NotifySocket", "is_mounted"]
+__all__ = ["Bus", "CallError", "Client", "Daemon", "DBusError", "NotifySocket", "is_mounted", "run_as"]

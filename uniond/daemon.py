@@ -55,7 +55,7 @@ class Daemon:
         self.notifier = Notifier()
         self.state_dir = _directory("STATE_DIRECTORY", constants.DEFAULT_STATE_DIRECTORY)
         self.runtime_dir = _directory("RUNTIME_DIRECTORY", constants.DEFAULT_RUNTIME_DIRECTORY)
-        self.manager = MountManager(StateStore(self.state_dir), self.runtime_dir)
+        self.manager = MountManager(StateStore(self.state_dir), self.runtime_dir, self.config)
         self.stop_event: asyncio.Event | None = None
         self.bus_process: subprocess.Popen | None = None
         self._watchdog: asyncio.TimerHandle | None = None
@@ -138,6 +138,7 @@ class Daemon:
         try:
             self.config = config_mod.load(self.config_path, required=self.args.config is not None)
             logs.setup(self.config.log_level)
+            self.manager.configure(self.config)
             log.info("configuration reloaded from %s", self.config_path)
         except config_mod.ConfigError as e:
             log.error("reload failed, keeping the previous configuration: %s", e)
