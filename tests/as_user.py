@@ -1,7 +1,7 @@
 """Run Client calls as whoever started this script (tests start it under setpriv).
 
-argv: bus address, then a JSON list of [method, *args, options]; prints a JSON list with,
-per call, ["ok", result] or ["error", name, text].
+argv: the bus address; stdin: a JSON list of [method, *args, options]. Prints a JSON list
+with, per call, ["ok", result] or ["error", name, text].
 """
 
 import json
@@ -11,7 +11,7 @@ from harness import CallError, Client
 
 client = Client(sys.argv[1])
 results = []
-for method, *args in json.loads(sys.argv[2]):
+for method, *args in json.load(sys.stdin):
     *positional, options = args
     try:
         results.append(["ok", getattr(client, method)(*positional, **options)])

@@ -279,8 +279,8 @@ def run_as(uid: int, address: str, calls: list[list], gid: int | None = None) ->
     gid = uid if gid is None else gid
     out = subprocess.run(
         ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", sys.executable,
-         str(ROOT / "tests" / "as_user.py"), address, json.dumps(calls)],
-        capture_output=True, text=True, env=env, timeout=120,
+         str(ROOT / "tests" / "as_user.py"), address],
+        input=json.dumps(calls), capture_output=True, text=True, env=env, timeout=120,
     )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)

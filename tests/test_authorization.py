@@ -141,9 +141,11 @@ def test_caller_that_leaves_during_authorization_gets_no_mount(client, polkit, b
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     leaver = subprocess.Popen(
         ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable,
-         str(ROOT / "tests/as_user.py"), bus.address, json.dumps([_mount_call(t)])],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+         str(ROOT / "tests/as_user.py"), bus.address],
+        env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
     )
+    leaver.stdin.write(json.dumps([_mount_call(t)]))
+    leaver.stdin.close()
     time.sleep(0.7)
     leaver.kill()
     leaver.wait()
@@ -165,13 +167,16 @@ def test_a_rename_during_authorization_cannot_redirect_the_mount(client, polkit,
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     caller = subprocess.Popen(
         ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable,
-         str(ROOT / "tests/as_user.py"), bus.address, json.dumps([_mount_call(t)])],
-        env=env, stdout=subprocess.PIPE, text=True,
+         str(ROOT / "tests/as_user.py"), bus.address],
+        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
+    caller.stdin.write(json.dumps([_mount_call(t)]))
+    caller.stdin.close()
     time.sleep(0.4)
     os.rename(t / "merge", t / "merge-moved")
     os.symlink(elsewhere, t / "merge")
-    out, _ = caller.communicate(timeout=30)
+    out = caller.stdout.read()
+    caller.wait(timeout=30)
     [result] = json.loads(out)
     assert result[0] == "ok"
     assert not is_mounted(elsewhere)
