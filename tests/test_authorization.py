@@ -89,6 +89,16 @@ def test_challenge_and_dismissal_have_their_own_errors(client, polkit, bus, user
     assert client.list() == [] and not is_mounted(t / "merge")
 
 
+def test_a_failing_polkit_means_not_authorized(client, polkit, bus, user_dirs, daemon):
+    t = user_dirs
+    polkit.answer_code(
+        "raise dbus.exceptions.DBusException('no such subject', name='org.freedesktop.PolicyKit1.Error.Failed')"
+    )
+    [result] = run_as(NOBODY, bus.address, [_mount_call(t)])
+    assert result[:2] == ["error", f"{E}.NotAuthorized"] and "polkit could not decide" in result[2]
+    assert client.list() == [] and daemon.alive()
+
+
 def test_root_never_asks_and_others_need_unmount_other(client, polkit, bus, layers, daemon):
     t = layers
     path = client.mount([t / "image1"], t / "upper", t / "merge")

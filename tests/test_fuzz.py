@@ -18,6 +18,9 @@ from hypothesis import strategies as st
 from uniond import constants, mountinfo
 from uniond.config import DEFAULT_ALLOWED_ROOTS
 
+# Hypothesis warns that a megabyte argument makes a long repr; that is the point here.
+pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")
+
 E = constants.ERROR_PREFIX
 UNIOND_ERRORS = {
     constants.ERROR_INVALID_ARGUMENT, constants.ERROR_NOT_FOUND, constants.ERROR_BUSY,

@@ -51,7 +51,8 @@ def interactive(options: Mapping[str, Any]) -> bool:
     return not options.get(OPTION_NO_USER_INTERACTION, False)
 
 
-_AUTH: dict[str, type] = {OPTION_NO_USER_INTERACTION: bool}
+# Every method accepts these; a new method adds **AUTH_OPTIONS to its schema.
+AUTH_OPTIONS: dict[str, type] = {OPTION_NO_USER_INTERACTION: bool}
 
 MOUNT_OPTIONS: dict[str, type] = {
     "readonly": bool,
@@ -60,7 +61,7 @@ MOUNT_OPTIONS: dict[str, type] = {
     "description": str,
     "dev": bool,  # root only: allow device files (default nodev)
     "suid": bool,  # root only: honour setuid/setgid bits (default nosuid)
-    **_AUTH,
+    **AUTH_OPTIONS,
 }
-UNMOUNT_OPTIONS: dict[str, type] = {"lazy": bool, **_AUTH}
-DIFF_OPTIONS: dict[str, type] = {**_AUTH}
+UNMOUNT_OPTIONS: dict[str, type] = {"lazy": bool, **AUTH_OPTIONS}
+DIFF_OPTIONS: dict[str, type] = {**AUTH_OPTIONS}
