@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -244,3 +245,38 @@ def test_allowed_roots_bound_mountpoints_and_uppers(daemon, client, layers, tmp_
     daemon.start()
     client.mount([t / "image1"], t / "upper", t / "merge")
     assert is_mounted(t / "merge")
+
+
+def test_reload_applies_allowed_roots(daemon, client, layers):
+    t = layers
+    daemon.config_path.write_text('allowed_roots = ["/srv"]\n')
+    mark = len(daemon.notify.drain())
+    daemon.signal(signal.SIGHUP)
+    daemon.notify.wait_for("READY=1", since=mark + 1)
+    with pytest.raises(CallError) as e:
+        client.mount([t / "image1"], t / "upper", t / "merge")
+    assert e.value.name == f"{E}.InvalidArgument" and "allowed root" in e.value.text
+
+
+@pytest.mark.parametrize("bad", ['allowed_roots = ["/"]', 'allowed_roots = ["relative"]', 'allowed_roots = "/srv"',
+                                 "max_mounts_per_uid = -1", 'max_mounts_per_uid = "many"'])
+def test_bad_security_settings_stop_the_start(daemon, bad):
+    daemon.stop()
+    daemon.config_path.write_text(bad + "\n")
+    daemon.start(wait_ready=False)
+    assert daemon.process.wait(timeout=15) == 78
+    assert "bad configuration" in daemon.log()
+
+
+def test_own_workdir_option(client, layers):
+    t = layers
+    (t / "work").mkdir()
+    path = client.mount([t / "image1"], t / "upper", t / "merge", workdir=str(t / "work"))
+    assert client.props(path)["WorkDir"] == str(t / "work")
+    (t / "merge/new").touch()
+    client.unmount(path)
+    assert (t / "upper/new").exists() and (t / "work").is_dir(), "a caller's workdir is kept"
+    (t / "work/mine").touch()
+    with pytest.raises(CallError) as e:
+        client.mount([t / "image1"], t / "upper", t / "merge", workdir=str(t / "work"))
+    assert e.value.name == f"{E}.InvalidArgument" and "must be empty" in e.value.text

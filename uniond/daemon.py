@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import logging
 import os
+import resource
 import signal
 import subprocess
 import time
@@ -152,8 +153,18 @@ class Daemon:
         self.notifier.status(self.status_line())
 
 
+def _raise_fd_limit() -> None:
+    """A Mount holds each of its (up to 500) directories open while polkit decides, so
+    the default soft limit of 1024 would let two large Mounts starve each other; the
+    event loop uses epoll, so the hard limit is safe."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _raise_fd_limit()
     try:
         daemon = Daemon(args)
     except config_mod.ConfigError as e:

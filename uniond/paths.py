@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from uniond import syscalls
-from uniond.errors import InvalidArgument
+from uniond.errors import Failed, InvalidArgument
 
 PATH_MAX = 4096  # bytes, the kernel's limit for a path name
 
@@ -78,7 +78,10 @@ def open_dir(argument: str, path: str) -> OpenDir:
     return OpenDir(argument, real, fd, st)
 
 
-def _refusal(argument: str, given: str, real: str, e: OSError) -> InvalidArgument:
+def _refusal(argument: str, given: str, real: str, e: OSError) -> InvalidArgument | Failed:
+    if e.errno in (errno.EMFILE, errno.ENFILE):
+        # Each pending Mount holds its directories open: the caller is not at fault.
+        return Failed(f"{argument}: too many directories held open right now; try again")
     if e.errno == errno.ENOENT:
         return InvalidArgument(f"{argument}: {given!r} does not exist")
     if e.errno == errno.ELOOP:
