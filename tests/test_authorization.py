@@ -280,3 +280,29 @@ def test_own_workdir_option(client, layers):
     with pytest.raises(CallError) as e:
         client.mount([t / "image1"], t / "upper", t / "merge", workdir=str(t / "work"))
     assert e.value.name == f"{E}.InvalidArgument" and "must be empty" in e.value.text
+
+
+def test_two_mounts_racing_for_one_mountpoint(client, polkit, bus, user_dirs):
+    """Both pass the checks, then wait for polkit; the second finds the place taken."""
+    t = user_dirs
+    polkit.answer_code("import time; time.sleep(0.5); ret = (True, False, {})")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    racers = []
+    for lower in ("image1", "image2"):
+        racer = subprocess.Popen(
+            ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable,
+             str(ROOT / "tests/as_user.py"), bus.address],
+            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        racer.stdin.write(json.dumps([["mount", [str(t / lower)], "", str(t / "merge"), {}]]))
+        racer.stdin.close()
+        racers.append(racer)
+    results = []
+    for racer in racers:
+        results.append(json.loads(racer.stdout.read())[0])
+        racer.wait(timeout=30)
+    assert sorted(r[0] for r in results) == ["error", "ok"], results
+    assert [r[1] for r in results if r[0] == "error"] == [f"{E}.AlreadyMounted"]
+    assert len(client.list()) == 1
+    with open("/proc/self/mountinfo") as f:
+        assert sum(1 for line in f if line.split()[4] == str(t / "merge")) == 1, "never stacked"

@@ -424,8 +424,12 @@ class MountManager:
             self._refuse_upper_in_use(spec.upperdir)
             if plan.workdir is not None:
                 self._check_workdir(plan.workdir, plan.upper)
-        if plan.mountpoint is not None and syscalls.mount_identity("", plan.mountpoint.fd)[1]:
-            raise AlreadyMounted(f"mountpoint {spec.mountpoint!r} was mounted on meanwhile; pick another")
+        if plan.mountpoint is not None:
+            # The descriptor still names the directory underneath a mount made since, so
+            # ask the path and the record as well.
+            taken = any(r.spec.mountpoint == spec.mountpoint for r in self.records.values())
+            if taken or engine.is_mount_root(spec.mountpoint):
+                raise AlreadyMounted(f"mountpoint {spec.mountpoint!r} was mounted on meanwhile; pick another")
 
     def _refuse_upper_in_use(self, upper: str) -> None:
         """M7: two overlays sharing an upper give undefined results."""
