@@ -306,3 +306,24 @@ def test_two_mounts_racing_for_one_mountpoint(client, polkit, bus, user_dirs):
     assert len(client.list()) == 1
     with open("/proc/self/mountinfo") as f:
         assert sum(1 for line in f if line.split()[4] == str(t / "merge")) == 1, "never stacked"
+
+
+def test_unmount_cannot_be_redirected_through_a_swapped_parent(client, polkit, bus, user_dirs, layers):
+    """The owner of a mount swaps its parent directory for a symlink to where another
+    user's mount has the same name: Unmount still takes down only the owner's mount."""
+    t = user_dirs
+    polkit.set_allowed([constants.ACTION_MOUNT, constants.ACTION_UNMOUNT_OWN])
+    (t / "x/merge").mkdir(parents=True)
+    os.chown(t / "x", NOBODY, NOBODY)
+    os.chown(t / "x/merge", NOBODY, NOBODY)
+    lowers = [str(t / "image1"), str(t / "image2")]
+    [mine] = run_as(NOBODY, bus.address, [["mount", lowers, "", str(t / "x/merge"), {}]])
+    assert mine[0] == "ok", mine
+    (layers / "victim/merge").mkdir(parents=True)
+    theirs = client.mount([layers / "image1"], layers / "upper", layers / "victim/merge")
+    os.rename(t / "x", t / "y")
+    os.symlink(layers / "victim", t / "x")
+    assert run_as(NOBODY, bus.address, [["unmount", mine[1], {}]]) == [["ok", None]]
+    assert is_mounted(layers / "victim/merge"), "the other user's mount stays"
+    assert not is_mounted(t / "y/merge"), "the caller's own (moved) mount is the one taken down"
+    assert client.list() == [theirs]

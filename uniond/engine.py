@@ -13,7 +13,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from uniond import syscalls
+from uniond import mountinfo, syscalls
 from uniond.records import MountSpec
 
 # M8: with these, the upper refers to nothing outside itself, so Diff can read it alone.
@@ -108,8 +108,37 @@ def _opened(spec: MountSpec) -> Iterator[LayerFds]:
         )
 
 
-def unmount(mountpoint: str, lazy: bool = False) -> None:
-    syscalls.umount(mountpoint, lazy=lazy)
+def unmount(mountpoint: str, lazy: bool = False, mnt_id: int = 0) -> None:
+    """Unmount the mount ``mnt_id`` (when known) that was made at ``mountpoint``.
+
+    A path's owner can swap one of its parent directories for a symlink, which umount2
+    would follow to someone else's mount. So the parent is opened without symlinks, the
+    mount under it is checked to be ``mnt_id``, and the unmount names it through that
+    open parent; a mountpoint itself cannot be renamed meanwhile (EBUSY). If the path no
+    longer leads to the mount (its directory was moved), the kernel's table says where
+    it went. ENOENT means the mount is gone or cannot be reached without symlinks.
+    """
+    if not mnt_id:
+        syscalls.umount(mountpoint, lazy=lazy)
+        return
+    candidates = [mountpoint] + [e.mountpoint for e in mountinfo.read() if e.mnt_id == mnt_id]
+    for path in candidates:
+        parent, name = os.path.split(path)
+        try:
+            parent_fd = syscalls.open_dir_nofollow(parent)
+        except OSError:
+            continue
+        try:
+            try:
+                found, is_root = syscalls.mount_identity(name, parent_fd)
+            except OSError:
+                continue
+            if found == mnt_id and is_root:
+                syscalls.umount(f"/proc/self/fd/{parent_fd}/{name}", lazy=lazy)
+                return
+        finally:
+            os.close(parent_fd)
+    raise OSError(errno.ENOENT, f"mount {mnt_id} is not at {mountpoint} nor anywhere reachable without symlinks")
 
 
 def is_mount_root(path: str) -> bool:

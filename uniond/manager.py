@@ -461,7 +461,7 @@ class MountManager:
         record = self.get(mount_id)  # another call may have unmounted it meanwhile
         mountpoint = record.spec.mountpoint
         try:
-            engine.unmount(mountpoint, lazy=opts.get("lazy", False))
+            engine.unmount(mountpoint, lazy=opts.get("lazy", False), mnt_id=record.mnt_id)
         except OSError as e:
             if e.errno == errno.EBUSY:
                 users = ", ".join(str(h) for h in holders.find(mountpoint)) or "no process found"
