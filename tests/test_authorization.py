@@ -327,3 +327,17 @@ def test_unmount_cannot_be_redirected_through_a_swapped_parent(client, polkit, b
     assert is_mounted(layers / "victim/merge"), "the other user's mount stays"
     assert not is_mounted(t / "y/merge"), "the caller's own (moved) mount is the one taken down"
     assert client.list() == [theirs]
+
+
+def test_diff_reads_no_directory_swapped_in_for_a_parent(client, layers, tmp_path):
+    t = layers
+    (t / "p/upper").mkdir(parents=True)
+    path = client.mount([t / "image1"], t / "p/upper", t / "merge")
+    (t / "merge/mine").touch()
+    (t / "secret/upper").mkdir(parents=True)
+    (t / "secret/upper/private-name").touch()
+    os.rename(t / "p", t / "p-moved")
+    os.symlink(t / "secret", t / "p")
+    with pytest.raises(CallError) as e:
+        client.diff(path)
+    assert e.value.name == f"{E}.Failed" and "private-name" not in e.value.text

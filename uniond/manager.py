@@ -139,7 +139,19 @@ class MountManager:
             # A Diff names files in someone else's upper: as much as an export shows.
             await self.authorize(caller, ACTION_EXPORT, opts, record)
         spec = record.spec
-        return await asyncio.to_thread(diff.changes, spec.upperdir, spec.lowerdirs)
+        if not spec.upperdir:
+            return []
+        # Read through directories opened without symlinks: the owner of a path could
+        # otherwise point a parent of the upper at files it may not list.
+        with contextlib.ExitStack() as held:
+            try:
+                upper = self._open(held, "upperdir", spec.upperdir)
+                lowers = [self._open(held, f"lowerdirs[{i}]", p) for i, p in enumerate(spec.lowerdirs)]
+            except InvalidArgument as e:
+                raise Failed(f"mount {record.id}: its layers are no longer where they were mounted from: {e}") from None
+            return await asyncio.to_thread(
+                diff.changes, f"/proc/self/fd/{upper.fd}", [f"/proc/self/fd/{h.fd}" for h in lowers]
+            )
 
     # ---- start-up --------------------------------------------------------------
 
