@@ -341,3 +341,20 @@ def test_diff_reads_no_directory_swapped_in_for_a_parent(client, layers, tmp_pat
     with pytest.raises(CallError) as e:
         client.diff(path)
     assert e.value.name == f"{E}.Failed" and "private-name" not in e.value.text
+
+
+def test_group_access_counts_with_the_callers_groups(client, polkit, bus, user_dirs):
+    """A lower readable only through the group: the bus reports the caller's groups."""
+    t = user_dirs
+    polkit.set_allowed([constants.ACTION_MOUNT])
+    (t / "grouplower").mkdir()
+    os.chown(t / "grouplower", 0, 12345)
+    os.chmod(t / "grouplower", 0o750)
+    call = ["mount", [str(t / "grouplower"), str(t / "image1")], "", str(t / "merge"), {}]
+    [result] = run_as(NOBODY, bus.address, [call], gid=12345)
+    assert result[0] == "ok", result
+    assert polkit.calls()[-1]["action"] == constants.ACTION_MOUNT
+    client.unmount(result[1])
+    [result] = run_as(NOBODY, bus.address, [call])
+    assert result[:2] == ["error", f"{E}.NotAuthorized"]
+    assert polkit.calls()[-1]["action"] == constants.ACTION_MOUNT_ANY
