@@ -64,7 +64,7 @@ class MountListener(Protocol):
     def mount_removed(self, record: MountRecord) -> None: ...
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Plan:
     """A checked Mount: the record to write and the caller's directories, held open."""
 
