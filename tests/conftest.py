@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from harness import Bus, Client, Daemon, NotifySocket
+from harness import Bus, Client, Daemon, NotifySocket, PolkitMock
 
 pytest_plugins = ["dbusmock.pytest_fixtures"]
 
@@ -66,6 +66,34 @@ def client(daemon, bus):
     c = Client(bus.address)
     yield c
     c.close()
+
+
+@pytest.fixture
+def polkit(bus):
+    """python-dbusmock's polkitd on the test bus; denies everything until told otherwise."""
+    mock = PolkitMock(bus.address)
+    yield mock
+    mock.stop()
+
+
+@pytest.fixture
+def user_dirs():
+    """Directories owned by the unprivileged test user (65534), in a world-searchable
+    place: pytest's own temporary tree is root's alone (0700)."""
+    directory = Path(tempfile.mkdtemp(prefix="uniond-test-user-"))
+    os.chmod(directory, 0o755)
+    for name in ("image1", "image2", "upper", "merge"):
+        (directory / name).mkdir()
+    (directory / "image1/a").write_text("a")
+    (directory / "image2/c").write_text("c")
+    for path in [directory, *directory.iterdir()]:
+        os.chown(path, 65534, 65534)
+    yield directory
+    with open("/proc/self/mountinfo") as f:
+        targets = [line.split()[4] for line in f if line.split()[4].startswith(str(directory))]
+    for target in reversed(targets):
+        subprocess.run(["umount", "-l", target], check=False)
+    shutil.rmtree(directory)
 
 
 @pytest.fixture

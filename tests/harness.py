@@ -6,6 +6,7 @@ NOTIFY_SOCKET), and a small synchronous D-Bus client.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -23,13 +24,15 @@ from uniond import constants, privatebus
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICY = ROOT / "dbus" / privatebus.POLICY_NAME
+POLKIT_MOCK_POLICY = ROOT / "tests" / "polkit-mock.conf"
 
 
 class Bus:
-    """A private dbus-daemon with the system bus policy and uniond's policy file."""
+    """A private dbus-daemon with the system bus policy and uniond's policy file, plus
+    a rule that lets the polkit mock (run as root) own polkit's name."""
 
     def __init__(self, directory: Path) -> None:
-        self.process, self.address = privatebus.start(str(directory), POLICY)
+        self.process, self.address = privatebus.start(str(directory), POLICY, [POLKIT_MOCK_POLICY])
 
     def stop(self) -> None:
         self.process.terminate()
@@ -210,10 +213,83 @@ class Client:
         self.loop.close()
 
 
+class PolkitMock:
+    """python-dbusmock's polkitd template, on our bus (not dbusmock's own, which lets
+    everyone own every name and so could not test uniond's bus policy).
+
+    CheckAuthorization is replaced by an equivalent added method so that dbusmock logs
+    each call (subject, action, details, flags) for the tests to read.
+    """
+
+    MOCK_INTERFACE = "org.freedesktop.DBus.Mock"
+
+    def __init__(self, address: str) -> None:
+        env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": address}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "dbusmock", "--system", "--template", "polkitd"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        self.client = Client(address)
+        deadline = time.monotonic() + 15
+        while not self.client.call_raw("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+                                       "NameHasOwner", "s", [constants.POLKIT_BUS_NAME])[0]:
+            assert self.process.poll() is None, "the polkitd mock exited"
+            assert time.monotonic() < deadline, "the polkitd mock did not appear on the bus"
+            time.sleep(0.05)
+        self.answer_code("ret = (args[1] in self.allowed or self.allow_unknown, False, {})")
+
+    def _mock(self, member: str, signature: str = "", *body):
+        return self.client.call_raw(constants.POLKIT_BUS_NAME, constants.POLKIT_PATH, self.MOCK_INTERFACE,
+                                    member, signature, list(body))
+
+    def answer_code(self, code: str) -> None:
+        self._mock("AddMethod", "sssss", constants.POLKIT_INTERFACE, "CheckAuthorization",
+                   "(sa{sv})sa{ss}us", "(bba{ss})", code)
+
+    def set_allowed(self, actions: list[str]) -> None:
+        self._mock("SetAllowed", "as", actions)
+
+    def answer(self, authorized: bool, challenge: bool, details: dict[str, str] | None = None) -> None:
+        """Answer every check the same way (e.g. a challenge, or a dismissed dialog)."""
+        self.answer_code(f"ret = ({authorized!r}, {challenge!r}, {details or {}!r})")
+
+    def calls(self) -> list[dict]:
+        """Each CheckAuthorization so far: subject, action, details, flags."""
+        out = []
+        for _, args in self._mock("GetMethodCalls", "s", "CheckAuthorization")[0]:
+            subject, action, details, flags, _cancel = [a.value for a in args]
+            kind, subject_details = subject
+            out.append({"subject": (kind, {k: v.value for k, v in subject_details.items()}),
+                        "action": action, "details": details, "flags": flags})
+        return out
+
+    def stop(self) -> None:
+        self.client.close()
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+def run_as(uid: int, address: str, calls: list[list], gid: int | None = None) -> list[list]:
+    """Make Client calls from a process running as ``uid``: a real unprivileged caller.
+
+    Each call is [method, *args, options]; each result ["ok", value] or ["error", name, text].
+    """
+    path = [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    gid = uid if gid is None else gid
+    out = subprocess.run(
+        ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", sys.executable,
+         str(ROOT / "tests" / "as_user.py"), address],
+        input=json.dumps(calls), capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
 def is_mounted(path: Path | str) -> bool:
     target = os.path.realpath(path)
     with open("/proc/self/mountinfo") as f:
         return any(line.split()[4] == target for line in f)
 
 
-__all__ = ["Bus", "CallError", "Client", "Daemon", "DBusError", "NotifySocket", "is_mounted"]
+__all__ = ["Bus", "CallError", "Client", "Daemon", "DBusError", "NotifySocket", "PolkitMock", "is_mounted", "run_as"]

@@ -11,6 +11,7 @@ import contextvars
 import functools
 import logging
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any
 
 from dbus_next import BusType, Message, MessageType, Variant
@@ -20,9 +21,11 @@ from dbus_next.errors import DBusError
 from dbus_next.service import ServiceInterface, dbus_property, method, signal
 
 from uniond import constants
+from uniond.caller import Caller
 from uniond.errors import Failed, NotFound, UniondError
 from uniond.manager import MountManager, MountRequest
 from uniond.options import ForeignValue
+from uniond.polkit import Authority, PolkitAbsent, PolkitAnswer, PolkitFailed
 from uniond.records import MountRecord
 
 log = logging.getLogger(__name__)
@@ -30,6 +33,10 @@ log = logging.getLogger(__name__)
 # dbus-next gives a method no access to its message; a message handler that runs first
 # stores the sender here, and the method (run in a copy of this context) reads it.
 _sender: contextvars.ContextVar[str] = contextvars.ContextVar("sender", default="")
+
+# The bus answers such errors when nobody owns (and nothing activates) polkit's name.
+_NO_SUCH_NAME = {"org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner"}
+_PEER_TIMEOUT = 25.0  # dbus-next calls have no timeout of their own
 
 _PLAIN_SIGNATURES = {"b", "s", "t", "u", "i", "x", "n", "q", "y", "d", "as"}
 
@@ -203,22 +210,22 @@ class ManagerInterface(ServiceInterface):
     @method()
     @translated
     async def Mount(self, lowerdirs: "as", upperdir: "s", mountpoint: "s", options: "a{sv}") -> "o":
-        caller = await self.service.caller_uid()
+        caller = await self.service.caller()
         request = MountRequest(tuple(lowerdirs), upperdir, mountpoint, _unwrap_options(options))
-        record = self.manager.mount(request, owner=caller)
+        record = await self.manager.mount(request, caller)
         return mount_path(record.id)
 
     @method()
     @translated
     async def Unmount(self, mount: "o", options: "a{sv}"):
-        caller = await self.service.caller_uid()
-        self.manager.unmount(mount_id_of(mount), caller, _unwrap_options(options))
+        caller = await self.service.caller()
+        await self.manager.unmount(mount_id_of(mount), caller, _unwrap_options(options))
 
     @method()
     @translated
     async def Diff(self, mount: "o", options: "a{sv}") -> "a(ss)":
-        mount_id = mount_id_of(mount)
-        changes = await asyncio.to_thread(self.manager.diff, mount_id, _unwrap_options(options))
+        caller = await self.service.caller()
+        changes = await self.manager.diff(mount_id_of(mount), caller, _unwrap_options(options))
         return [[c.kind, c.path] for c in changes]
 
     @method()
@@ -247,7 +254,8 @@ class BusService:
         self.address = address
         self.bus: MessageBus | None = None
         self.interface = ManagerInterface(self)
-        self._uids: OrderedDict[str, int] = OrderedDict()  # unique names are never reused
+        self._callers: OrderedDict[str, Caller] = OrderedDict()  # unique names are never reused
+        manager.authority = Authority(self)
 
     async def connect(self) -> None:
         if self.address:
@@ -278,29 +286,67 @@ class BusService:
         if msg.message_type == MessageType.METHOD_CALL:
             _sender.set(msg.sender or "")
 
-    async def caller_uid(self) -> int:
-        """The uid of the calling connection, asked of the bus, never of the caller."""
-        sender = _sender.get()
-        if sender in self._uids:
-            return self._uids[sender]
+    async def _call_bus(self, member: str, signature: str, body: list[Any]) -> Message:
         assert self.bus is not None
-        reply = await self.bus.call(
+        return await self.bus.call(
             Message(
                 destination="org.freedesktop.DBus",
                 path="/org/freedesktop/DBus",
                 interface="org.freedesktop.DBus",
-                member="GetConnectionUnixUser",
-                signature="s",
-                body=[sender],
+                member=member,
+                signature=signature,
+                body=body,
             )
         )
+
+    async def caller(self) -> Caller:
+        """Who is calling, asked of the bus, never of the caller."""
+        sender = _sender.get()
+        if sender in self._callers:
+            return self._callers[sender]
+        reply = await asyncio.wait_for(self._call_bus("GetConnectionCredentials", "s", [sender]), _PEER_TIMEOUT)
         if reply is None or reply.message_type != MessageType.METHOD_RETURN:
             raise Failed(f"the bus did not say who the caller {sender!r} is")
-        uid = int(reply.body[0])
-        self._uids[sender] = uid
-        if len(self._uids) > 1024:
-            self._uids.popitem(last=False)
-        return uid
+        credentials = {key: v.value for key, v in reply.body[0].items()}
+        if "UnixUserID" not in credentials:
+            raise Failed(f"the bus gave no uid for the caller {sender!r}")
+        caller = Caller(
+            uid=int(credentials["UnixUserID"]),
+            pid=int(credentials.get("ProcessID", 0)),
+            bus_name=sender,
+            gids=tuple(int(g) for g in credentials.get("UnixGroupIDs", ())),
+        )
+        self._callers[sender] = caller
+        if len(self._callers) > 1024:
+            self._callers.popitem(last=False)
+        return caller
+
+    # PolkitPeer: the D-Bus half of uniond.polkit.
+    async def check_authorization(
+        self, bus_name: str, action: str, details: Mapping[str, str], flags: int
+    ) -> PolkitAnswer:
+        assert self.bus is not None
+        reply = await self.bus.call(
+            Message(
+                destination=constants.POLKIT_BUS_NAME,
+                path=constants.POLKIT_PATH,
+                interface=constants.POLKIT_INTERFACE,
+                member="CheckAuthorization",
+                signature="(sa{sv})sa{ss}us",
+                body=[["system-bus-name", {"name": Variant("s", bus_name)}], action, dict(details), flags, ""],
+            )
+        )
+        if reply.message_type == MessageType.ERROR:
+            if reply.error_name in _NO_SUCH_NAME:
+                raise PolkitAbsent(reply.error_name)
+            text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
+            raise PolkitFailed(f"{reply.error_name}: {text}")
+        authorized, challenge, answer_details = reply.body[0]
+        return PolkitAnswer(bool(authorized), bool(challenge), dict(answer_details))
+
+    async def is_connected(self, bus_name: str) -> bool:
+        reply = await self._call_bus("NameHasOwner", "s", [bus_name])
+        return reply.message_type == MessageType.METHOD_RETURN and bool(reply.body[0])
 
     # MountListener: keep the bus view equal to the manager's before a call returns (U3).
     def mount_added(self, record: MountRecord, announce: bool = True) -> None:

@@ -7,10 +7,13 @@ start or reload instead of a silent default.
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 from dataclasses import dataclass
 
 from uniond.logs import LEVELS
+
+DEFAULT_ALLOWED_ROOTS = ("/run/uniond", "/var/lib/uniond", "/srv", "/home", "/tmp", "/var/tmp", "/mnt", "/media")
 
 
 class ConfigError(Exception):
@@ -20,6 +23,10 @@ class ConfigError(Exception):
 @dataclass(frozen=True)
 class Config:
     log_level: str = "info"  # debug, info, warning, error
+    # Mountpoints, uppers and workdirs must lie strictly below one of these.
+    allowed_roots: tuple[str, ...] = DEFAULT_ALLOWED_ROOTS
+    # Live mounts one non-root uid may own at once: bounds what one user can make root hold.
+    max_mounts_per_uid: int = 64
 
 
 def load(path: str, required: bool = False) -> Config:
@@ -36,9 +43,19 @@ def load(path: str, required: bool = False) -> Config:
     for key, value in data.items():
         if key not in known:
             raise ConfigError(f"{path}: unknown setting {key!r} (known: {', '.join(sorted(known))})")
-        if not isinstance(value, type(known[key].default)):
-            raise ConfigError(f"{path}: {key} must be a {type(known[key].default).__name__}")
+        default = known[key].default
+        if isinstance(default, tuple):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{path}: {key} must be a list of strings")
+            data[key] = tuple(value)
+        elif type(value) is not type(default):
+            raise ConfigError(f"{path}: {key} must be a {type(default).__name__}")
     config = Config(**data)
     if config.log_level not in LEVELS:
         raise ConfigError(f"{path}: log_level must be one of {', '.join(LEVELS)}")
+    for root in config.allowed_roots:
+        if not os.path.isabs(root) or os.path.normpath(root) in ("/", "/run"):
+            raise ConfigError(f"{path}: allowed_roots: {root!r} must be an absolute directory other than / and /run")
+    if config.max_mounts_per_uid < 0:
+        raise ConfigError(f"{path}: max_mounts_per_uid must be 0 or more")
     return config

@@ -23,6 +23,25 @@ ERROR_BUSY = f"{ERROR_PREFIX}.Busy"
 ERROR_ALREADY_MOUNTED = f"{ERROR_PREFIX}.AlreadyMounted"
 ERROR_NOT_PERMITTED = f"{ERROR_PREFIX}.NotPermitted"
 ERROR_FAILED = f"{ERROR_PREFIX}.Failed"
+ERROR_NOT_AUTHORIZED = f"{ERROR_PREFIX}.NotAuthorized"
+ERROR_NOT_AUTHORIZED_CAN_OBTAIN = f"{ERROR_PREFIX}.NotAuthorizedCanObtain"
+ERROR_NOT_AUTHORIZED_DISMISSED = f"{ERROR_PREFIX}.NotAuthorizedDismissed"
+
+# polkit actions (dbus/org.uniond1.policy declares them and their defaults).
+ACTION_MOUNT = "org.uniond1.mount"  # directories the caller can reach itself
+ACTION_MOUNT_ANY = "org.uniond1.mount-any"
+ACTION_UNMOUNT_OWN = "org.uniond1.unmount-own"
+ACTION_UNMOUNT_OTHER = "org.uniond1.unmount-other"
+ACTION_EXPORT = "org.uniond1.export"
+ACTION_COMMIT = "org.uniond1.commit"
+ACTION_IMPORT = "org.uniond1.import"
+
+# The option every method accepts (udisks2's name): never ask the user to authenticate.
+OPTION_NO_USER_INTERACTION = "auth.no_user_interaction"
+
+POLKIT_BUS_NAME = "org.freedesktop.PolicyKit1"
+POLKIT_PATH = "/org/freedesktop/PolicyKit1/Authority"
+POLKIT_INTERFACE = "org.freedesktop.PolicyKit1.Authority"
 
 SYSTEMD_UNIT = "uniond.service"
 

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import logging
 import os
+import resource
 import signal
 import subprocess
 import time
@@ -55,7 +56,7 @@ class Daemon:
         self.notifier = Notifier()
         self.state_dir = _directory("STATE_DIRECTORY", constants.DEFAULT_STATE_DIRECTORY)
         self.runtime_dir = _directory("RUNTIME_DIRECTORY", constants.DEFAULT_RUNTIME_DIRECTORY)
-        self.manager = MountManager(StateStore(self.state_dir), self.runtime_dir)
+        self.manager = MountManager(StateStore(self.state_dir), self.runtime_dir, self.config)
         self.stop_event: asyncio.Event | None = None
         self.bus_process: subprocess.Popen | None = None
         self._watchdog: asyncio.TimerHandle | None = None
@@ -138,6 +139,7 @@ class Daemon:
         try:
             self.config = config_mod.load(self.config_path, required=self.args.config is not None)
             logs.setup(self.config.log_level)
+            self.manager.configure(self.config)
             log.info("configuration reloaded from %s", self.config_path)
         except config_mod.ConfigError as e:
             log.error("reload failed, keeping the previous configuration: %s", e)
@@ -151,8 +153,18 @@ class Daemon:
         self.notifier.status(self.status_line())
 
 
+def _raise_fd_limit() -> None:
+    """A Mount holds each of its (up to 500) directories open while polkit decides, so
+    the default soft limit of 1024 would let two large Mounts starve each other; the
+    event loop uses epoll, so the hard limit is safe."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _raise_fd_limit()
     try:
         daemon = Daemon(args)
     except config_mod.ConfigError as e:

@@ -6,11 +6,14 @@ to the kernel. Every rule cited (M*, C*) is in shared/overlay-facts.md.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
 
-from uniond import syscalls
+from uniond import mountinfo, syscalls
 from uniond.records import MountSpec
 
 # M8: with these, the upper refers to nothing outside itself, so Diff can read it alone.
@@ -18,34 +21,54 @@ _DIFFABLE_OPTIONS = (("redirect_dir", "off"), ("metacopy", "off"), ("index", "of
 _KERNEL_WORKDIR_ENTRIES = ("work", "index")  # what overlayfs creates in a workdir (M5)
 
 
-def mount(spec: MountSpec) -> int:
+@dataclass(frozen=True)
+class LayerFds:
+    """The directories of a MountSpec, already opened (O_PATH) by whoever checked them.
+
+    Mounting through these descriptors, not through the paths, means that a rename or
+    a symlink swapped in after the checks cannot redirect the mount (FSCONFIG_SET_FD
+    for the layers, MOVE_MOUNT_T_EMPTY_PATH for the target).
+    """
+
+    lowers: tuple[int, ...]
+    upper: int | None
+    workdir: int | None
+    mountpoint: int
+
+
+def mount(spec: MountSpec, fds: LayerFds | None = None) -> int:
     """Mount ``spec`` at its mountpoint and return the kernel's mount id."""
-    attrs = syscalls.MOUNT_ATTR_NODEV | syscalls.MOUNT_ATTR_NOSUID
+    if fds is None:
+        with _opened(spec) as opened:
+            return mount(spec, opened)
+    attrs = 0 if spec.dev else syscalls.MOUNT_ATTR_NODEV
+    attrs |= 0 if spec.suid else syscalls.MOUNT_ATTR_NOSUID
     if spec.readonly:
         attrs |= syscalls.MOUNT_ATTR_RDONLY
-    layers = list(spec.lowerdirs)
+    layers = list(fds.lowers)
     if spec.upperdir and spec.readonly:
         # A read-only view of a writable layer: the upper becomes the top-most lower,
         # its whiteouts and opaque directories still apply, and no workdir is needed.
-        layers.insert(0, spec.upperdir)
+        assert fds.upper is not None
+        layers.insert(0, fds.upper)
     if len(layers) == 1 and not (spec.upperdir and not spec.readonly):
         # M4: the kernel refuses a one-layer read-only overlay; a read-only bind mount
         # shows the same thing.
-        mount_fd = syscalls.open_tree_clone(layers[0])
+        mount_fd = syscalls.open_tree_clone_fd(layers[0])
         try:
             syscalls.mount_setattr(mount_fd, attrs)
-            syscalls.move_mount(mount_fd, spec.mountpoint)
+            return _attach(mount_fd, fds.mountpoint)
         finally:
             os.close(mount_fd)
-        return syscalls.mount_identity(spec.mountpoint)[0]
 
     fs_fd = syscalls.fsopen("overlay")
     try:
         for layer in layers:
-            syscalls.fsconfig_string(fs_fd, "lowerdir+", layer)
+            syscalls.fsconfig_fd(fs_fd, "lowerdir+", layer)
         if spec.upperdir and not spec.readonly:
-            syscalls.fsconfig_string(fs_fd, "upperdir", spec.upperdir)
-            syscalls.fsconfig_string(fs_fd, "workdir", spec.workdir)
+            assert fds.upper is not None and fds.workdir is not None
+            syscalls.fsconfig_fd(fs_fd, "upperdir", fds.upper)
+            syscalls.fsconfig_fd(fs_fd, "workdir", fds.workdir)
             for key, value in _DIFFABLE_OPTIONS:
                 syscalls.fsconfig_string(fs_fd, key, value)
             if spec.volatile:
@@ -53,16 +76,69 @@ def mount(spec: MountSpec) -> int:
         syscalls.fsconfig_create(fs_fd)
         mount_fd = syscalls.fsmount(fs_fd, attrs)
         try:
-            syscalls.move_mount(mount_fd, spec.mountpoint)
+            return _attach(mount_fd, fds.mountpoint)
         finally:
             os.close(mount_fd)
     finally:
         os.close(fs_fd)
-    return syscalls.mount_identity(spec.mountpoint)[0]
 
 
-def unmount(mountpoint: str, lazy: bool = False) -> None:
-    syscalls.umount(mountpoint, lazy=lazy)
+def _attach(mount_fd: int, target_fd: int) -> int:
+    """Move a detached mount onto the target; its id, read before, names what was made."""
+    mnt_id = syscalls.mount_identity("", mount_fd)[0]
+    syscalls.move_mount_to_fd(mount_fd, target_fd)
+    return mnt_id
+
+
+@contextlib.contextmanager
+def _opened(spec: MountSpec) -> Iterator[LayerFds]:
+    """For callers with only a spec (the daemon's own, already checked paths)."""
+    with contextlib.ExitStack() as stack:
+
+        def open_(path: str) -> int:
+            fd = syscalls.open_dir_nofollow(path)
+            stack.callback(os.close, fd)
+            return fd
+
+        yield LayerFds(
+            lowers=tuple(open_(p) for p in spec.lowerdirs),
+            upper=open_(spec.upperdir) if spec.upperdir else None,
+            workdir=open_(spec.workdir) if spec.workdir else None,
+            mountpoint=open_(spec.mountpoint),
+        )
+
+
+def unmount(mountpoint: str, lazy: bool = False, mnt_id: int = 0) -> None:
+    """Unmount the mount ``mnt_id`` (when known) that was made at ``mountpoint``.
+
+    A path's owner can swap one of its parent directories for a symlink, which umount2
+    would follow to someone else's mount. So the parent is opened without symlinks, the
+    mount under it is checked to be ``mnt_id``, and the unmount names it through that
+    open parent; a mountpoint itself cannot be renamed meanwhile (EBUSY). If the path no
+    longer leads to the mount (its directory was moved), the kernel's table says where
+    it went. ENOENT means the mount is gone or cannot be reached without symlinks.
+    """
+    if not mnt_id:
+        syscalls.umount(mountpoint, lazy=lazy)
+        return
+    candidates = [mountpoint] + [e.mountpoint for e in mountinfo.read() if e.mnt_id == mnt_id]
+    for path in candidates:
+        parent, name = os.path.split(path)
+        try:
+            parent_fd = syscalls.open_dir_nofollow(parent)
+        except OSError:
+            continue
+        try:
+            try:
+                found, is_root = syscalls.mount_identity(name, parent_fd)
+            except OSError:
+                continue
+            if found == mnt_id and is_root:
+                syscalls.umount(f"/proc/self/fd/{parent_fd}/{name}", lazy=lazy)
+                return
+        finally:
+            os.close(parent_fd)
+    raise OSError(errno.ENOENT, f"mount {mnt_id} is not at {mountpoint} nor anywhere reachable without symlinks")
 
 
 def is_mount_root(path: str) -> bool:

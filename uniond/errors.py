@@ -37,3 +37,21 @@ class NotPermitted(UniondError):
 
 class Failed(UniondError):
     dbus_name = constants.ERROR_FAILED
+
+
+class NotAuthorized(UniondError):
+    """polkit (or its absence) says no."""
+
+    dbus_name = constants.ERROR_NOT_AUTHORIZED
+
+
+class NotAuthorizedCanObtain(UniondError):
+    """polkit would say yes after authentication, which the caller ruled out."""
+
+    dbus_name = constants.ERROR_NOT_AUTHORIZED_CAN_OBTAIN
+
+
+class NotAuthorizedDismissed(UniondError):
+    """The user dismissed the authentication dialog."""
+
+    dbus_name = constants.ERROR_NOT_AUTHORIZED_DISMISSED

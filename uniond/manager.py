@@ -2,23 +2,39 @@
 
 It checks requests, keeps the journal (C1), drives the engine, and tells listeners
 about every change before the call that caused it returns (U3). It knows nothing of
-D-Bus: callers are plain uids and errors are uniond.errors classes.
+D-Bus: callers are plain Caller values, authorization goes through an Authority, and
+errors are uniond.errors classes. Each method authorizes before it changes anything,
+and nothing awaits between the last check and the mount, so a caller who disconnects
+mid-call (or another call racing it) never leaves a half-made mount.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import errno
 import logging
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from uniond import diff, engine, holders, mountinfo, options, paths
+from uniond import access, diff, engine, holders, mountinfo, options, paths, syscalls
+from uniond.caller import Caller
+from uniond.config import Config
+from uniond.constants import (
+    ACTION_EXPORT,
+    ACTION_MOUNT,
+    ACTION_MOUNT_ANY,
+    ACTION_UNMOUNT_OTHER,
+    ACTION_UNMOUNT_OWN,
+    OPTION_NO_USER_INTERACTION,
+)
 from uniond.errors import AlreadyMounted, Busy, Failed, InvalidArgument, NotFound, NotPermitted
+from uniond.polkit import Authority
 from uniond.records import MountRecord, MountSpec
 from uniond.state import StateStore, boot_id
 
@@ -48,14 +64,59 @@ class MountListener(Protocol):
     def mount_removed(self, record: MountRecord) -> None: ...
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """A checked Mount: the record to write and the caller's directories, held open."""
+
+    record: MountRecord
+    lowers: tuple[paths.OpenDir, ...]
+    upper: paths.OpenDir | None
+    upper_parent: int | None  # where the daemon creates the workdir
+    workdir: paths.OpenDir | None  # the caller's own workdir option
+    mountpoint: paths.OpenDir | None  # None: the daemon makes one
+
+
+def _escape(path: str) -> str:
+    return path.replace("\\", "\\\\").replace(":", "\\:")
+
+
+def _details(spec: MountSpec, mount_id: str = "", owner: int | None = None) -> dict[str, str]:
+    """What polkit rules can match on; lowerdirs joined with ':' as overlayfs' option (M2)."""
+    details = {
+        "mountpoint": spec.mountpoint,
+        "lowerdirs": ":".join(_escape(p) for p in spec.lowerdirs),
+        "upperdir": spec.upperdir,
+    }
+    if mount_id:
+        details["mount"] = mount_id
+    if owner is not None:
+        details["owner"] = str(owner)
+    return details
+
+
 class MountManager:
-    def __init__(self, store: StateStore, runtime_dir: str) -> None:
+    def __init__(
+        self,
+        store: StateStore,
+        runtime_dir: str,
+        config: Config | None = None,
+        authority: Authority | None = None,
+    ) -> None:
         self.store = store
         self.runtime_dir = runtime_dir
+        # Without a bus there is nobody to ask: only root may act.
+        self.authority = authority or Authority(None)
+        self.configure(config or Config())
         self.records: dict[str, MountRecord] = {}
         self._stale: dict[str, MountRecord] = {}  # gone from the kernel, cleanup pending
         self._listeners: list[MountListener] = []
         self._boot_id = boot_id()
+
+    def configure(self, config: Config) -> None:
+        """Take a (re)loaded configuration; paths are compared in canonical form."""
+        self.config = config
+        self._allowed_roots = tuple(os.path.realpath(r) for r in config.allowed_roots)
+        self._own_dirs = tuple(os.path.realpath(d) for d in (self.store.directory, self.runtime_dir))
 
     def subscribe(self, listener: MountListener) -> None:
         self._listeners.append(listener)
@@ -71,10 +132,26 @@ class MountManager:
     def list(self) -> list[MountRecord]:
         return sorted(self.records.values(), key=lambda r: (r.created_us, r.id))
 
-    def diff(self, mount_id: str, opts: dict[str, Any]) -> list[diff.Change]:
-        options.check("Diff", opts, options.DIFF_OPTIONS)
+    async def diff(self, mount_id: str, caller: Caller, opts: dict[str, Any]) -> list[diff.Change]:
+        opts = options.check("Diff", opts, options.DIFF_OPTIONS)
         record = self.get(mount_id)
-        return diff.changes(record.spec.upperdir, record.spec.lowerdirs)
+        if caller.uid != record.owner:
+            # A Diff names files in someone else's upper: as much as an export shows.
+            await self.authorize(caller, ACTION_EXPORT, opts, record)
+        spec = record.spec
+        if not spec.upperdir:
+            return []
+        # Read through directories opened without symlinks: the owner of a path could
+        # otherwise point a parent of the upper at files it may not list.
+        with contextlib.ExitStack() as held:
+            try:
+                upper = self._open(held, "upperdir", spec.upperdir)
+                lowers = [self._open(held, f"lowerdirs[{i}]", p) for i, p in enumerate(spec.lowerdirs)]
+            except InvalidArgument as e:
+                raise Failed(f"mount {record.id}: its layers are no longer where they were mounted from: {e}") from None
+            return await asyncio.to_thread(
+                diff.changes, f"/proc/self/fd/{upper.fd}", [f"/proc/self/fd/{h.fd}" for h in lowers]
+            )
 
     # ---- start-up --------------------------------------------------------------
 
@@ -149,34 +226,105 @@ class MountManager:
         self.store.drop(record.id)
         return True
 
+    # ---- authorization ---------------------------------------------------------
+
+    async def authorize(
+        self,
+        caller: Caller,
+        action: str,
+        opts: Mapping[str, Any],
+        record: MountRecord | None = None,
+        **details: str,
+    ) -> None:
+        """Ask whether ``caller`` may do ``action``; raise NotAuthorized* if not.
+
+        For every method that needs a polkit action: the details admins can match in
+        rules are the mount's (when ``record`` is given) plus ``details``; ``opts``
+        decides whether polkit may ask the user (auth.no_user_interaction). Call it
+        before changing any state: it awaits, possibly for minutes.
+        """
+        found: dict[str, str] = {}
+        if record is not None:
+            found = _details(record.spec, record.id, record.owner)
+        found.update(details)
+        await self.authority.authorize(caller, action, found, options.interactive(opts))
+
     # ---- Mount -----------------------------------------------------------------
 
-    def mount(self, request: MountRequest, owner: int) -> MountRecord:
+    async def mount(self, request: MountRequest, caller: Caller) -> MountRecord:
         opts = options.check("Mount", request.options, options.MOUNT_OPTIONS)
-        if owner != 0:
-            # Until callers are authorised per action (polkit), mounting is root's alone.
-            raise NotPermitted("only root may mount; ask an administrator")
+        if not request.lowerdirs:
+            raise InvalidArgument("lowerdirs: give at least one lower directory")
+        if len(request.lowerdirs) > MAX_LOWERS:
+            raise InvalidArgument(f"lowerdirs: {len(request.lowerdirs)} given; the kernel stacks at most {MAX_LOWERS}")
+        for name in ("dev", "suid"):
+            if opts.get(name) and not caller.is_root:
+                raise NotPermitted(f"{name}: only root may mount with {name}; other mounts are nodev,nosuid")
+        self._check_quota(caller)
         mount_id = secrets.token_hex(6)
-        record = self._plan(request, opts, mount_id, owner)
-        spec = record.spec
+        with contextlib.ExitStack() as held:
+            plan = self._plan(request, opts, mount_id, caller.uid, held)
+            action = ACTION_MOUNT if self._reachable(plan, caller) else ACTION_MOUNT_ANY
+            await self.authority.authorize(
+                caller, action, _details(plan.record.spec), options.interactive(opts)
+            )
+            # No await from here on: what was authorized is what gets mounted, and the
+            # daemon's own state is checked again, as it may have changed meanwhile.
+            self._check_quota(caller)
+            self._recheck(plan)
+            return self._make(plan)
+
+    def _check_quota(self, caller: Caller) -> None:
+        if caller.is_root:
+            return
+        limit = self.config.max_mounts_per_uid
+        owned = sum(1 for r in self.records.values() if r.owner == caller.uid)
+        if owned >= limit:
+            raise NotPermitted(
+                f"uid {caller.uid} already owns {owned} mounts, the limit (max_mounts_per_uid = {limit}); "
+                "unmount some first"
+            )
+
+    def _make(self, plan: _Plan) -> MountRecord:
+        record, spec = plan.record, plan.record.spec
         self.store.intend(record)  # C1: durable before anything exists
+        made: list[int] = []
         try:
+            workdir_fd = plan.workdir.fd if plan.workdir is not None else None
             if record.workdir_created:
-                os.mkdir(spec.workdir, 0o700)
+                assert plan.upper_parent is not None
+                name = os.path.basename(spec.workdir)
+                os.mkdir(name, 0o700, dir_fd=plan.upper_parent)
+                workdir_fd = syscalls.open_dir_nofollow(name, plan.upper_parent)
+                made.append(workdir_fd)
             if record.mountpoint_created:
                 os.makedirs(os.path.dirname(spec.mountpoint), mode=0o755, exist_ok=True)
                 os.mkdir(spec.mountpoint, 0o755)
-            mnt_id = engine.mount(spec)
+                mountpoint_fd = syscalls.open_dir_nofollow(spec.mountpoint)
+                made.append(mountpoint_fd)
+            else:
+                assert plan.mountpoint is not None
+                mountpoint_fd = plan.mountpoint.fd
+            fds = engine.LayerFds(
+                lowers=tuple(h.fd for h in plan.lowers),
+                upper=plan.upper.fd if plan.upper is not None else None,
+                workdir=workdir_fd,
+                mountpoint=mountpoint_fd,
+            )
+            mnt_id = engine.mount(spec, fds)
         except OSError as e:
             self._undo(record)
             raise Failed(f"the kernel refused the mount: {e.strerror or e}") from e
         except BaseException:
             self._undo(record)
             raise
+        finally:
+            for fd in made:
+                os.close(fd)
         record = dataclasses.replace(record, mnt_id=mnt_id)
         self.store.update(record)
-        self.records[mount_id] = record
-        log.info("mount %s: mounted %s (owner uid %d)", mount_id, spec.mountpoint, owner)
+        self.records[record.id] = record
+        log.info("mount %s: mounted %s (owner uid %d)", record.id, spec.mountpoint, record.owner)
         self._notify("mount_added", record)
         return record
 
@@ -185,64 +333,115 @@ class MountManager:
             return
         self._stale[record.id] = record
 
-    def _plan(self, request: MountRequest, opts: dict[str, Any], mount_id: str, owner: int) -> MountRecord:
-        if not request.lowerdirs:
-            raise InvalidArgument("lowerdirs: give at least one lower directory")
-        if len(request.lowerdirs) > MAX_LOWERS:
-            raise InvalidArgument(f"lowerdirs: {len(request.lowerdirs)} given; the kernel stacks at most {MAX_LOWERS}")
-        lowers = tuple(paths.existing_dir(f"lowerdirs[{i}]", p) for i, p in enumerate(request.lowerdirs))
-        if len(set(lowers)) != len(lowers):
+    def _open(self, held: contextlib.ExitStack, argument: str, path: str) -> paths.OpenDir:
+        handle = paths.open_dir(argument, path)
+        held.callback(handle.close)
+        return handle
+
+    def _place(self, argument: str, path: str) -> None:
+        paths.check_placement(argument, path, self._allowed_roots, self._own_dirs)
+
+    def _plan(
+        self, request: MountRequest, opts: dict[str, Any], mount_id: str, owner: int, held: contextlib.ExitStack
+    ) -> _Plan:
+        # Every path is checked for form and size before any is opened.
+        for i, p in enumerate(request.lowerdirs):
+            paths.canonical(f"lowerdirs[{i}]", p)
+        for argument, p in (("upperdir", request.upperdir), ("mountpoint", request.mountpoint),
+                            ("workdir", opts.get("workdir"))):
+            if p:
+                paths.canonical(argument, p)
+        lowers = tuple(self._open(held, f"lowerdirs[{i}]", p) for i, p in enumerate(request.lowerdirs))
+        if len({h.path for h in lowers}) != len(lowers) or len({(h.st.st_dev, h.st.st_ino) for h in lowers}) != len(
+            lowers
+        ):
             raise InvalidArgument("lowerdirs: the same directory is given twice")
         readonly = opts.get("readonly", False)
         volatile = opts.get("volatile", False)
-        upper = paths.existing_dir("upperdir", request.upperdir) if request.upperdir else ""
-        named = {f"lowerdirs[{i}]": p for i, p in enumerate(lowers)}
-        if volatile and (not upper or readonly):
+        named = {h.argument: h.path for h in lowers}
+        if volatile and (not request.upperdir or readonly):
             raise InvalidArgument("volatile: only a writable mount (with an upperdir) can be volatile")
 
+        upper = upper_parent = workdir_handle = None
         workdir, workdir_created = "", False
-        if upper:
-            named["upperdir"] = upper
+        if request.upperdir:
+            upper = self._open(held, "upperdir", request.upperdir)
+            self._place("upperdir", upper.path)
+            named["upperdir"] = upper.path
             if readonly and "workdir" in opts:
                 raise InvalidArgument("workdir: a read-only mount uses no workdir; drop the option")
             if not readonly:
-                self._refuse_upper_in_use(upper)
+                self._refuse_upper_in_use(upper.path)
                 if "workdir" in opts:
-                    workdir = paths.existing_dir("workdir", opts["workdir"])
-                    self._check_workdir(workdir, upper)
+                    workdir_handle = self._open(held, "workdir", opts["workdir"])
+                    workdir = workdir_handle.path
+                    self._place("workdir", workdir)
+                    self._check_workdir(workdir_handle, upper)
                 else:
-                    parent = os.path.dirname(upper)
-                    if os.stat(parent).st_dev != os.stat(upper).st_dev:
+                    parent = self._open(held, "upperdir", os.path.dirname(upper.path))
+                    if parent.st.st_dev != upper.st.st_dev:
                         raise InvalidArgument(
-                            f"upperdir {upper!r} is the root of a filesystem, so the workdir cannot go beside it; "
-                            "pass a 'workdir' option on the same filesystem"
+                            f"upperdir {upper.path!r} is the root of a filesystem, so the workdir cannot go beside "
+                            "it; pass a 'workdir' option on the same filesystem"
                         )
-                    workdir = os.path.join(parent, f".{os.path.basename(upper)}.uniond-work-{mount_id}")
+                    child = os.stat(os.path.basename(upper.path), dir_fd=parent.fd, follow_symlinks=False)
+                    if (child.st_dev, child.st_ino) != (upper.st.st_dev, upper.st.st_ino):
+                        raise InvalidArgument(f"upperdir {upper.path!r} was moved while being checked; try again")
+                    upper_parent = parent.fd
+                    workdir = os.path.join(parent.path, f".{os.path.basename(upper.path)}.uniond-work-{mount_id}")
                     workdir_created = True
                 named["workdir"] = workdir
 
         mountpoint_created = not request.mountpoint
+        mountpoint_handle = None
         if mountpoint_created:
             mountpoint = os.path.join(self.runtime_dir, "mounts", mount_id)
         else:
-            mountpoint = paths.existing_dir("mountpoint", request.mountpoint)
-            if engine.is_mount_root(mountpoint):
+            mountpoint_handle = self._open(held, "mountpoint", request.mountpoint)
+            mountpoint = mountpoint_handle.path
+            self._place("mountpoint", mountpoint)
+            if syscalls.mount_identity("", mountpoint_handle.fd)[1]:
                 raise AlreadyMounted(f"mountpoint {mountpoint!r} is already a mount point; unmount it or pick another")
             named["mountpoint"] = mountpoint
         paths.refuse_nesting(named)
 
-        spec = MountSpec(lowers, upper, workdir, mountpoint, readonly=readonly or not upper, volatile=volatile)
-        return MountRecord(
+        spec = MountSpec(
+            tuple(h.path for h in lowers), upper.path if upper else "", workdir, mountpoint,
+            readonly=readonly or not upper, volatile=volatile,
+            dev=opts.get("dev", False), suid=opts.get("suid", False),
+        )
+        record = MountRecord(
             id=mount_id,
             spec=spec,
             owner=owner,
             created_us=time.time_ns() // 1000,
             boot_id=self._boot_id,
-            options=opts,
+            options={k: v for k, v in opts.items() if k != OPTION_NO_USER_INTERACTION},
             description=opts.get("description", ""),
             workdir_created=workdir_created,
             mountpoint_created=mountpoint_created,
         )
+        return _Plan(record, lowers, upper, upper_parent, workdir_handle, mountpoint_handle)
+
+    def _reachable(self, plan: _Plan, caller: Caller) -> bool:
+        """Could the caller read every lower and does it own the upper and mountpoint?"""
+        if not all(access.can_read(caller, h.path, h.st) for h in plan.lowers):
+            return False
+        return all(access.owns(caller, h.path, h.st) for h in (plan.upper, plan.workdir, plan.mountpoint) if h)
+
+    def _recheck(self, plan: _Plan) -> None:
+        """What another call may have changed while this one awaited authorization."""
+        spec = plan.record.spec
+        if spec.upperdir and not spec.readonly:
+            self._refuse_upper_in_use(spec.upperdir)
+            if plan.workdir is not None:
+                self._check_workdir(plan.workdir, plan.upper)
+        if plan.mountpoint is not None:
+            # The descriptor still names the directory underneath a mount made since, so
+            # ask the path and the record as well.
+            taken = any(r.spec.mountpoint == spec.mountpoint for r in self.records.values())
+            if taken or engine.is_mount_root(spec.mountpoint):
+                raise AlreadyMounted(f"mountpoint {spec.mountpoint!r} was mounted on meanwhile; pick another")
 
     def _refuse_upper_in_use(self, upper: str) -> None:
         """M7: two overlays sharing an upper give undefined results."""
@@ -253,26 +452,28 @@ class MountManager:
             if entry.fstype == "overlay" and upper in entry.option_values("upperdir"):
                 raise InvalidArgument(f"upperdir {upper!r} is already in use by the overlay at {entry.mountpoint}")
 
-    def _check_workdir(self, workdir: str, upper: str) -> None:
-        if os.stat(workdir).st_dev != os.stat(upper).st_dev:
-            raise InvalidArgument(f"workdir {workdir!r} must be on the same filesystem as upperdir {upper!r}")
-        leftovers = set(os.listdir(workdir)) - {"work", "index"}
+    def _check_workdir(self, workdir: paths.OpenDir, upper: paths.OpenDir | None) -> None:
+        assert upper is not None
+        if workdir.st.st_dev != upper.st.st_dev:
+            raise InvalidArgument(f"workdir {workdir.path!r} must be on the same filesystem as upperdir {upper.path!r}")
+        leftovers = set(os.listdir(f"/proc/self/fd/{workdir.fd}")) - {"work", "index"}
         if leftovers:
-            raise InvalidArgument(f"workdir {workdir!r} must be empty; it holds {sorted(leftovers)[:3]}")
+            raise InvalidArgument(f"workdir {workdir.path!r} must be empty; it holds {sorted(leftovers)[:3]}")
         for record in self.records.values():
-            if record.spec.workdir == workdir:
-                raise InvalidArgument(f"workdir {workdir!r} is already the workdir of mount {record.id}")
+            if record.spec.workdir == workdir.path:
+                raise InvalidArgument(f"workdir {workdir.path!r} is already the workdir of mount {record.id}")
 
     # ---- Unmount ---------------------------------------------------------------
 
-    def unmount(self, mount_id: str, caller: int, opts: dict[str, Any]) -> MountRecord:
+    async def unmount(self, mount_id: str, caller: Caller, opts: dict[str, Any]) -> MountRecord:
         opts = options.check("Unmount", opts, options.UNMOUNT_OPTIONS)
         record = self.get(mount_id)
-        if caller not in (0, record.owner):
-            raise NotPermitted(f"mount {mount_id} belongs to uid {record.owner}; only its owner or root may unmount it")
+        action = ACTION_UNMOUNT_OWN if caller.uid == record.owner else ACTION_UNMOUNT_OTHER
+        await self.authorize(caller, action, opts, record)
+        record = self.get(mount_id)  # another call may have unmounted it meanwhile
         mountpoint = record.spec.mountpoint
         try:
-            engine.unmount(mountpoint, lazy=opts.get("lazy", False))
+            engine.unmount(mountpoint, lazy=opts.get("lazy", False), mnt_id=record.mnt_id)
         except OSError as e:
             if e.errno == errno.EBUSY:
                 users = ", ".join(str(h) for h in holders.find(mountpoint)) or "no process found"
@@ -286,7 +487,7 @@ class MountManager:
         del self.records[mount_id]
         if not self._cleanup(record):
             self._stale[mount_id] = record
-        log.info("mount %s: unmounted %s", mount_id, mountpoint)
+        log.info("mount %s: unmounted %s (asked by uid %d)", mount_id, mountpoint, caller.uid)
         self._notify("mount_removed", record)
         return record
 

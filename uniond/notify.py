@@ -11,6 +11,10 @@ import sdnotify
 class Notifier:
     def __init__(self) -> None:
         self._notifier = sdnotify.SystemdNotifier()
+        if self._notifier.socket is not None:
+            # A manager that reads slowly must not freeze the event loop (and with it the
+            # bus connection): a status line that does not fit is dropped instead.
+            self._notifier.socket.setblocking(False)
 
     def send(self, *lines: str) -> None:
         if os.environ.get("NOTIFY_SOCKET"):

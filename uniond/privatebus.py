@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 POLICY_NAME = "org.uniond1.conf"
@@ -44,7 +45,7 @@ _CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configura
     <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Monitoring"/>
   </policy>
   <include>{policy}</include>
-</busconfig>
+{extra}</busconfig>
 """
 
 
@@ -62,19 +63,24 @@ def find_policy() -> Path:
     raise FileNotFoundError(f"{POLICY_NAME} not found in any of: {', '.join(map(str, candidates))}")
 
 
-def write_config(directory: str, policy: Path | None = None) -> tuple[str, str]:
-    """Write the bus configuration; return (config path, bus address)."""
+def write_config(directory: str, policy: Path | None = None, extra: Sequence[Path] = ()) -> tuple[str, str]:
+    """Write the bus configuration; return (config path, bus address).
+
+    ``extra`` policy files are included after uniond's own: the tests use one to let a
+    polkit mock own its name, as polkit's own policy file does on a real system.
+    """
     os.makedirs(directory, mode=0o755, exist_ok=True)
     socket = os.path.join(directory, "system_bus_socket")
     config = os.path.join(directory, "bus.conf")
+    includes = "".join(f"  <include>{path}</include>\n" for path in extra)
     with open(config, "w", encoding="utf-8") as f:
-        f.write(_CONFIG.format(socket=socket, policy=policy or find_policy()))
+        f.write(_CONFIG.format(socket=socket, policy=policy or find_policy(), extra=includes))
     return config, f"unix:path={socket}"
 
 
-def start(directory: str, policy: Path | None = None) -> tuple[subprocess.Popen, str]:
+def start(directory: str, policy: Path | None = None, extra: Sequence[Path] = ()) -> tuple[subprocess.Popen, str]:
     """Start dbus-daemon on a private socket; return the process and its address."""
-    config, address = write_config(directory, policy)
+    config, address = write_config(directory, policy, extra)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_", "LISTEN_"))}
     process = subprocess.Popen(
         ["dbus-daemon", "--nofork", "--nopidfile", f"--config-file={config}", "--print-address=1"],

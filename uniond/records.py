@@ -18,6 +18,8 @@ class MountSpec:
     mountpoint: str
     readonly: bool
     volatile: bool = False
+    dev: bool = False  # device files honoured (root asked); nodev otherwise
+    suid: bool = False  # setuid bits honoured (root asked); nosuid otherwise
 
 
 @dataclass(frozen=True)

@@ -25,17 +25,22 @@ SYS_FSOPEN = 430
 SYS_FSCONFIG = 431
 SYS_FSMOUNT = 432
 SYS_MOUNT_SETATTR = 442
+SYS_OPENAT2 = 437
 SYS_STATX = 332 if os.uname().machine == "x86_64" else 291
 
 FSOPEN_CLOEXEC = 0x1
 FSCONFIG_SET_FLAG = 0
 FSCONFIG_SET_STRING = 1
+FSCONFIG_SET_FD = 5
 FSCONFIG_CMD_CREATE = 6
 FSMOUNT_CLOEXEC = 0x1
 MOUNT_ATTR_RDONLY = 0x1
 MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
 OPEN_TREE_CLONE = 0x1
 OPEN_TREE_CLOEXEC = os.O_CLOEXEC
 AT_FDCWD = -100
@@ -93,6 +98,11 @@ def fsconfig_string(fd: int, key: str, value: str) -> None:
     )
 
 
+def fsconfig_fd(fd: int, key: str, value_fd: int) -> None:
+    """Give a layer as an open directory: overlayfs takes lowerdir+/upperdir/workdir this way (6.13+)."""
+    _check(_syscall(SYS_FSCONFIG, fd, FSCONFIG_SET_FD, key.encode(), None, value_fd), f"fsconfig {key}", fd)
+
+
 def fsconfig_flag(fd: int, key: str) -> None:
     _check(_syscall(SYS_FSCONFIG, fd, FSCONFIG_SET_FLAG, key.encode(), None, 0), f"fsconfig {key}", fd)
 
@@ -110,6 +120,34 @@ def open_tree_clone(path: str) -> int:
         _syscall(SYS_OPEN_TREE, AT_FDCWD, os.fsencode(path), OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC),
         "open_tree",
     )
+
+
+def open_tree_clone_fd(dir_fd: int) -> int:
+    return _check(
+        _syscall(SYS_OPEN_TREE, dir_fd, b"", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH),
+        "open_tree",
+    )
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def open_dir_nofollow(path: str, dir_fd: int = AT_FDCWD) -> int:
+    """An O_PATH descriptor of a directory reached through no symlink at all.
+
+    openat2's RESOLVE_NO_SYMLINKS refuses a symlink in any component (ELOOP), and
+    O_NOFOLLOW|O_DIRECTORY refuses one as the last (ENOTDIR), so a caller who swaps a
+    component for a symlink gets an error, never another directory.
+    """
+    how = _OpenHow(
+        os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, 0, RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
+    )
+    result = _syscall(SYS_OPENAT2, dir_fd, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how))
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    return result
 
 
 class _MountAttr(ctypes.Structure):
@@ -136,6 +174,14 @@ def move_mount(mount_fd: int, target: str) -> None:
     )
 
 
+def move_mount_to_fd(mount_fd: int, target_fd: int) -> None:
+    """Attach a detached mount onto an already opened directory, not onto a path name."""
+    _check(
+        _syscall(SYS_MOVE_MOUNT, mount_fd, b"", target_fd, b"", MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH),
+        "move_mount",
+    )
+
+
 def umount(target: str, lazy: bool = False) -> None:
     flags = UMOUNT_NOFOLLOW | (MNT_DETACH if lazy else 0)
     if _libc.umount2(os.fsencode(target), flags) != 0:
@@ -143,15 +189,16 @@ def umount(target: str, lazy: bool = False) -> None:
         raise SyscallError(err, "umount2")
 
 
-def mount_identity(path: str) -> tuple[int, bool]:
+def mount_identity(path: str, dir_fd: int = AT_FDCWD) -> tuple[int, bool]:
     """Return (kernel mount id, whether ``path`` is the root of a mount).
 
     statx answers both in one call where /proc/self/mountinfo would need a parse of
-    every mount on the system.
+    every mount on the system. With ``path`` "" it asks about ``dir_fd`` itself.
     """
     buf = ctypes.create_string_buffer(256)
+    flags = AT_SYMLINK_NOFOLLOW | (AT_EMPTY_PATH if not path else 0)
     _check(
-        _syscall(SYS_STATX, AT_FDCWD, os.fsencode(path), AT_SYMLINK_NOFOLLOW, STATX_MNT_ID, buf),
+        _syscall(SYS_STATX, dir_fd, os.fsencode(path), flags, STATX_MNT_ID, buf),
         "statx",
     )
     (attributes,) = struct.unpack_from("=Q", buf.raw, 8)

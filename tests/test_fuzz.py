@@ -1,0 +1,282 @@
+"""Hostile input for every method: each call gets one of uniond's own errors (or, when
+the message cannot even name the method's signature, the bus library's), the daemon
+stays up, never logs a traceback, and no mount appears outside the allowed roots."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import Counter
+
+import pytest
+from dbus_next import Message, Variant
+from harness import CallError, Client, is_mounted, run_as
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from uniond import constants, mountinfo
+from uniond.config import DEFAULT_ALLOWED_ROOTS
+
+# Hypothesis warns that a megabyte argument makes a long repr; that is the point here.
+pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")
+
+E = constants.ERROR_PREFIX
+UNIOND_ERRORS = {
+    constants.ERROR_INVALID_ARGUMENT, constants.ERROR_NOT_FOUND, constants.ERROR_BUSY,
+    constants.ERROR_ALREADY_MOUNTED, constants.ERROR_NOT_PERMITTED, constants.ERROR_FAILED,
+    constants.ERROR_NOT_AUTHORIZED, constants.ERROR_NOT_AUTHORIZED_CAN_OBTAIN,
+    constants.ERROR_NOT_AUTHORIZED_DISMISSED,
+}
+FUZZ = settings(
+    max_examples=int(os.environ.get("UNIOND_FUZZ_EXAMPLES", "1500")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+    database=None,
+)
+
+# D-Bus strings: UTF-8 without NUL (the bus drops a connection that sends others; see
+# test_invalid_strings_never_reach_the_daemon).
+dbus_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=40)
+object_paths = st.lists(st.from_regex(r"[A-Za-z0-9_]{1,8}", fullmatch=True), max_size=4).map(
+    lambda parts: "/" + "/".join(parts)
+)
+
+
+def _variants(children):
+    return st.one_of(
+        st.builds(lambda v: Variant("s", v), dbus_text),
+        st.builds(lambda v: Variant("b", v), st.booleans()),
+        st.builds(lambda v: Variant("i", v), st.integers(-(2**31), 2**31 - 1)),
+        st.builds(lambda v: Variant("u", v), st.integers(0, 2**32 - 1)),
+        st.builds(lambda v: Variant("t", v), st.integers(0, 2**64 - 1)),
+        st.builds(lambda v: Variant("x", v), st.integers(-(2**63), 2**63 - 1)),
+        st.builds(lambda v: Variant("d", v), st.floats(allow_nan=False)),
+        st.builds(lambda v: Variant("y", v), st.integers(0, 255)),
+        st.builds(lambda v: Variant("o", v), object_paths),
+        st.builds(lambda v: Variant("as", v), st.lists(dbus_text, max_size=4)),
+        st.builds(lambda v: Variant("ai", v), st.lists(st.integers(-5, 5), max_size=4)),
+        st.builds(lambda a, b: Variant("(si)", [a, b]), dbus_text, st.integers(-5, 5)),
+        st.builds(lambda v: Variant("v", v), children),
+        st.builds(lambda v: Variant("a{sv}", v), st.dictionaries(dbus_text, children, max_size=3)),
+    )
+
+
+variants = st.recursive(st.builds(lambda v: Variant("b", v), st.booleans()), _variants, max_leaves=8)
+option_keys = st.one_of(
+    st.sampled_from(["readonly", "volatile", "workdir", "description", "dev", "suid", "lazy",
+                     "auth.no_user_interaction"]),
+    dbus_text,
+)
+options = st.one_of(
+    st.dictionaries(option_keys, variants, max_size=4),
+    st.just({f"k{i}": Variant("b", True) for i in range(100)}),  # a huge dict
+    st.just({"description": Variant("s", "x" * 100_000)}),
+    st.just({"workdir": Variant("a{sv}", {"a": Variant("a{sv}", {"b": Variant("s", "/etc")})})}),
+)
+
+
+@pytest.fixture
+def arena(layers, tmp_path, client):
+    """Directories and traps for the fuzzer, and two live mounts whose object paths it may
+    try on one another."""
+    t = layers
+    (t / "upper/sub").mkdir()
+    (t / "afile").write_text("x")
+    (t / "image1/inner").mkdir()
+    (t / "w").mkdir()
+    os.symlink("/etc", t / "etc-link")
+    os.symlink(t / "image1", t / "image1-link")
+    (t / "up2").mkdir()
+    (t / "m2").mkdir()
+    (t / "m3").mkdir()
+    live = [client.mount([t / "image1"], t / "up2", t / "m2"), client.mount([t / "image2"])]
+    paths = [str(t / n) for n in ("image1", "image2", "upper", "merge", "upper/sub", "image1/inner", "w", "m3",
+                                  "afile", "etc-link", "image1-link", "etc-link/ssh", "nope", "up2", "m2")]
+    paths += [f"{t}/image1/../image2", f"{t}//image1/.", "/etc", "/usr", "/", "/proc/self/fd/0", "/tmp", "/run",
+              "/dev/shm", "/sys", "relative/path", "", "..", f"{t}/{'a' * 300}", "/" + "x" * 5000,
+              "/" + "y" * (1 << 20), str(tmp_path / "state"), str(tmp_path / "run"), "/tmp/with,comma:colon\\back",
+              "/tmp/new\nline"]
+    return t, live, paths
+
+
+def _assert_sane(client, daemon, before: set[int]) -> None:
+    assert daemon.alive(), "the daemon must survive any input"
+    roots = DEFAULT_ALLOWED_ROOTS
+    for entry in mountinfo.read():
+        if entry.mnt_id not in before:
+            assert any(entry.mountpoint.startswith(r + "/") for r in roots), f"mount outside allowed roots: {entry}"
+
+
+OUTCOMES: Counter[str] = Counter()
+
+
+def _call(client, member, signature, *body):
+    try:
+        result = client.call(member, signature, *body)
+        OUTCOMES[f"{member} ok"] += 1
+        return "ok", result
+    except CallError as e:
+        assert e.name in UNIOND_ERRORS, f"{member}: {e.name}: {e.text[:200]}"
+        assert "Traceback" not in e.text
+        OUTCOMES[f"{member} {e.name.rsplit('.', 1)[1]}"] += 1
+        return "error", e.name
+
+
+def test_fuzz_every_method(daemon, client, arena):
+    t, live, paths = arena
+    before = {e.mnt_id for e in mountinfo.read()}
+    path_s = st.one_of(st.sampled_from(paths), dbus_text, dbus_text.map(lambda s: "/" + s))
+    lowers = st.one_of(
+        st.lists(path_s, max_size=5),
+        st.just([str(t / "image1")] * 10_000),
+        st.just([str(t / "image1"), str(t / "image2")] * 251),
+    )
+    mount_objects = st.one_of(
+        st.sampled_from(live + [constants.MANAGER_PATH, constants.MOUNT_PATH_PREFIX, constants.MOUNT_PATH_PREFIX + "/a",
+                                constants.MOUNT_PATH_PREFIX + "/a/b", "/", constants.MOUNT_PATH_PREFIX + "/_"]),
+        object_paths,
+    )
+    made: list[str] = []
+    started = time.monotonic()
+    counts = {"Mount": 0, "Unmount": 0, "Diff": 0, "ListMounts": 0}
+
+    @FUZZ
+    @given(
+        method=st.sampled_from(["Mount", "Mount", "Mount", "Unmount", "Diff", "ListMounts"]),
+        low=lowers, upper=path_s, mountpoint=path_s, opts=options, obj=mount_objects,
+    )
+    def one(method, low, upper, mountpoint, opts, obj):
+        counts[method] += 1
+        if method == "Mount":
+            outcome = _call(client, "Mount", "asssa{sv}", low, upper, mountpoint, opts)
+            if outcome[0] == "ok":
+                mp = client.props(outcome[1][0])["Mountpoint"]
+                assert any(mp.startswith(r + "/") for r in DEFAULT_ALLOWED_ROOTS), mp
+                made.append(outcome[1][0])
+                client.unmount(outcome[1][0], lazy=True)
+        elif method == "Unmount":
+            if obj in live:
+                opts = {**opts, "lazy": Variant("s", "yes")}  # a wrong type: the targets stay mounted
+            _call(client, "Unmount", "oa{sv}", obj, opts)
+        elif method == "Diff":
+            _call(client, "Diff", "oa{sv}", obj, opts)
+        else:
+            assert set(live) <= set(_call(client, "ListMounts", "")[1][0])
+
+    one()
+
+    # Near-valid requests reach deeper: real layers with one trap among them.
+    good_dirs = [str(t / n) for n in ("image1", "image2", "image1/inner")]
+    near_lowers = st.lists(st.sampled_from(good_dirs), min_size=1, max_size=3).flatmap(
+        lambda ls: st.one_of(st.just(ls), path_s.map(lambda p: [*ls, p]))
+    )
+    near_options = st.dictionaries(
+        st.sampled_from(["readonly", "volatile", "description", "workdir", "dev", "suid",
+                         "auth.no_user_interaction"]),
+        st.one_of(st.builds(lambda v: Variant("b", v), st.booleans()),
+                  st.builds(lambda v: Variant("s", v), st.sampled_from(paths[:12]))),
+        max_size=3,
+    )
+
+    @FUZZ
+    @given(
+        low=near_lowers,
+        upper=st.one_of(st.sampled_from(["", str(t / "upper"), str(t / "up2"), str(t / "w")]), path_s),
+        mountpoint=st.one_of(st.sampled_from(["", str(t / "merge"), str(t / "m3"), str(t / "upper/sub")]), path_s),
+        opts=near_options,
+    )
+    def near(low, upper, mountpoint, opts):
+        counts["Mount"] += 1
+        outcome = _call(client, "Mount", "asssa{sv}", low, upper, mountpoint, opts)
+        if outcome[0] == "ok":
+            mp = client.props(outcome[1][0])["Mountpoint"]
+            assert any(mp.startswith(r + "/") for r in DEFAULT_ALLOWED_ROOTS), mp
+            made.append(outcome[1][0])
+            client.unmount(outcome[1][0], lazy=True)
+
+    near()
+    _assert_sane(client, daemon, before)
+    assert set(client.list()) == set(live), "the fuzz leaves the live mounts alone and nothing else behind"
+    assert is_mounted(t / "m2")
+    assert "Traceback" not in daemon.log()
+    assert sum(counts.values()) >= 500 and time.monotonic() - started < 120, (counts, time.monotonic() - started)
+    print(f"fuzz: {counts}, {len(made)} mounts made and unmounted, {time.monotonic() - started:.1f} s")
+    print("fuzz outcomes:", dict(sorted(OUTCOMES.items())))
+
+
+def test_fuzz_as_an_unprivileged_caller(daemon, bus, client, arena, polkit):
+    """The same traps from uid 65534, with polkit allowing the plain mount action: in one
+    process, many calls."""
+    t, live, paths = arena
+    polkit.set_allowed([constants.ACTION_MOUNT, constants.ACTION_UNMOUNT_OWN])
+    before = {e.mnt_id for e in mountinfo.read()}
+    short = [p for p in paths if len(p) < 10_000]
+    calls = []
+    for i, lower in enumerate(short):
+        for j, target in enumerate(short[:: 1 + i % 4]):
+            calls.append(["mount", [lower], short[(i + j) % len(short)], target, {}])
+            calls.append(["mount", [lower, short[j]], "", target, {"dev": i % 2 == 0}])
+    calls += [["unmount", p, {}] for p in live] + [["diff", p, {}] for p in live]
+    out = run_as(65534, bus.address, calls)
+    assert len(out) == len(calls) > 500
+    for call, result in zip(calls, out, strict=True):
+        if result[0] == "error":
+            assert result[1] in UNIOND_ERRORS, (call, result)
+        else:
+            assert call[0] == "mount" and client.props(result[1])["Owner"] == 65534
+    assert [r[1] for r in out[-2 * len(live):]] == [f"{E}.NotAuthorized"] * (2 * len(live))
+    print(f"unprivileged fuzz: {len(calls)} calls:", dict(Counter(r[1] if r[0] == "error" else "ok" for r in out)))
+    _assert_sane(client, daemon, before)
+    assert "Traceback" not in daemon.log()
+
+
+class _Corrupted(Message):
+    """A message whose marshalled bytes are changed after the library checked them."""
+
+    def __init__(self, *args, replace: tuple[bytes, bytes], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.replace = replace
+
+    def _marshall(self, negotiate_unix_fd=False):
+        return super()._marshall(negotiate_unix_fd).replace(*self.replace)
+
+
+@pytest.mark.parametrize("bad", [b"\xff\xfe", b"\x00\x00"], ids=["non-utf8", "nul"])
+def test_invalid_strings_never_reach_the_daemon(daemon, bus, client, layers, bad):
+    """D-Bus strings must be UTF-8 without NUL: the bus drops a connection sending
+    others before the daemon sees a byte, and the daemon carries on."""
+    rogue = Client(bus.address)
+    msg = _Corrupted(destination=constants.BUS_NAME, path=constants.MANAGER_PATH,
+                     interface=constants.MANAGER_INTERFACE, member="Mount", signature="asssa{sv}",
+                     body=[[str(layers / "image1")], "", "/tmp/QQ", {}], replace=(b"QQ", bad))
+    with pytest.raises(EOFError):  # the bus closed the connection: no reply, no error reply
+        rogue.loop.run_until_complete(asyncio.wait_for(rogue.bus.call(msg), 10))
+    with pytest.raises(EOFError):
+        rogue.loop.run_until_complete(rogue.bus.wait_for_disconnect())
+    rogue.loop.close()
+    assert daemon.alive() and client.list() == []
+    assert "Traceback" not in daemon.log()
+
+
+def test_wrong_signatures_are_refused_by_the_bus_library(daemon, client):
+    for member, signature, body in [
+        ("Mount", "sss", ["a", "b", "c"]),
+        ("Mount", "asss", [[], "", ""]),
+        ("Unmount", "s", ["/org/uniond1/mount/x"]),
+        ("Diff", "oa{ss}", ["/org/uniond1/mount/x", {}]),
+        ("ListMounts", "s", ["x"]),
+        ("NoSuchMethod", "", []),
+    ]:
+        with pytest.raises(CallError) as e:
+            client.call(member, signature, *body)
+        assert e.value.name.startswith("org.freedesktop.DBus.Error."), e.value.name
+    for member, signature, body in [
+        ("Set", "ssv", [constants.MANAGER_INTERFACE, "Version", Variant("s", "9")]),
+        ("Get", "ss", [constants.MANAGER_INTERFACE, "Nope"]),
+        ("GetAll", "s", ["org.example.Nope"]),
+    ]:
+        with pytest.raises(CallError):
+            client.call_raw(constants.BUS_NAME, constants.MANAGER_PATH, "org.freedesktop.DBus.Properties",
+                            member, signature, body)
+    assert daemon.alive()
