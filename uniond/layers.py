@@ -1,0 +1,574 @@
+"""Layers: a mount's upper as an OCI / Docker image layer, and back.
+
+ExportDiff writes the upper as a PAX tar with AUFS-style whiteouts (E1, E2), streamed
+straight to the caller's file descriptor. ImportLayer reads such a tar (plain or
+compressed) into an empty directory in overlay's native form (E3), so that the
+directory can be a lowerdir. Commit copies an upper into an empty directory in the
+same native form, without a tar in between. Nothing here holds a whole layer in
+memory: file data moves in bounded chunks, and only names (for duplicates and hard
+links) and directory mtimes are remembered.
+
+The layer holds every entry of the upper, including copies-up that Diff does not
+report (D5): a copied-up file no longer shares the lower's inode, so leaving it out
+would make a stacked layer show hard links the mount did not show.
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import logging
+import os
+import select
+import stat
+import tarfile
+from dataclasses import dataclass
+
+from uniond import layerfs
+from uniond.errors import Failed, InvalidArgument
+from uniond.layerfs import Builder, Meta
+
+log = logging.getLogger(__name__)
+
+COMPRESSIONS = ("none", "gzip")
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+AUFS_META_PREFIX = ".wh..wh."  # AUFS bookkeeping (.wh..wh.plnk, ...): not content
+_BLOCK = tarfile.BLOCKSIZE
+_RECORD = tarfile.RECORDSIZE
+_CHUNK = 1 << 20
+_MAX_HEADER = 1 << 20  # a PAX or GNU long-name header larger than this is hostile
+
+
+# ---- the caller's file descriptor ---------------------------------------------------
+
+
+def _wait(fd: int, events: int) -> None:
+    """A caller may hand over a non-blocking pipe; wait instead of failing."""
+    poller = select.poll()
+    poller.register(fd, events)
+    poller.poll()
+
+
+def check_fd(fd: int, writing: bool) -> None:
+    import fcntl
+
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        st = os.fstat(fd)
+    except OSError:
+        raise InvalidArgument("fd: not an open file descriptor") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InvalidArgument("fd: is a directory; pass a file or a pipe")
+    mode = flags & os.O_ACCMODE
+    if writing and mode == os.O_RDONLY:
+        raise InvalidArgument("fd: open for reading only; ExportDiff writes the layer to it")
+    if not writing and mode == os.O_WRONLY:
+        raise InvalidArgument("fd: open for writing only; ImportLayer reads the layer from it")
+
+
+class _Sink:
+    """Writes to the caller's fd in large pieces and counts what it wrote."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.written = 0
+        self._buf = bytearray()
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self._buf += data
+        if len(self._buf) >= _CHUNK:
+            self._drain()
+        return len(data)
+
+    def _drain(self) -> None:
+        view = memoryview(self._buf)
+        try:
+            while view:
+                try:
+                    n = os.write(self.fd, view)
+                except BlockingIOError:
+                    _wait(self.fd, select.POLLOUT)
+                    continue
+                except BrokenPipeError:
+                    raise Failed("the reader of the layer closed its end before the end") from None
+                self.written += n
+                view = view[n:]
+        finally:
+            view.release()
+        self._buf.clear()
+
+    def flush(self) -> None:
+        self._drain()
+
+
+class _Source:
+    """Reads the caller's fd for tarfile, waiting on a non-blocking one."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def read(self, size: int = -1) -> bytes:
+        size = _CHUNK if size is None or size < 0 else size
+        while True:
+            try:
+                return os.read(self.fd, size)
+            except BlockingIOError:
+                _wait(self.fd, select.POLLIN)
+
+
+# ---- ExportDiff -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    bytes: int  # written to the fd, after compression
+    entries: int
+
+
+def _pax_time(ns: int) -> str:
+    seconds, rest = divmod(ns, 1_000_000_000)
+    return f"{seconds}.{rest:09d}".rstrip("0").rstrip(".")
+
+
+def _pax_record(key: str, value: bytes) -> bytes:
+    body = b" " + key.encode() + b"=" + value + b"\n"
+    n = len(body) + 1
+    while len(str(n)) + len(body) != n:
+        n = len(str(n)) + len(body)
+    return str(n).encode() + body
+
+
+def _fits_ustar(raw: bytes, limit: int = 100) -> bool:
+    return len(raw) < limit and raw.isascii()
+
+
+def _header(name: str, kind: bytes, st: os.stat_result | None, xattrs: tuple[tuple[str, bytes], ...] = (),
+            size: int = 0, linkname: str = "") -> bytes:
+    """One entry's headers: a PAX extended header when needed, then the ustar header.
+
+    The PAX records are written here rather than by tarfile, which marks any
+    non-UTF-8 value (a binary ``security.capability``) with ``hdrcharset=BINARY``, a
+    keyword GNU tar warns about. PAX records are length-prefixed, so raw bytes are
+    valid in them, and both GNU tar and tarfile read them back exactly.
+    """
+    records = []
+    raw_name = name.encode("utf-8", "surrogateescape") + (b"/" if kind == tarfile.DIRTYPE else b"")
+    info = tarfile.TarInfo()
+    info.type = kind
+    info.uname = info.gname = ""  # OCI: ids are what count; no passwd lookups per entry
+    if _fits_ustar(raw_name):
+        info.name = raw_name.decode()
+    else:
+        records.append(_pax_record("path", raw_name))
+        info.name = "pax-path"
+    raw_link = linkname.encode("utf-8", "surrogateescape")
+    if _fits_ustar(raw_link):
+        info.linkname = raw_link.decode()
+    else:
+        records.append(_pax_record("linkpath", raw_link))
+        info.linkname = "pax-linkpath"
+    info.size = size
+    if size >= 8**11:
+        records.append(_pax_record("size", str(size).encode()))
+        info.size = 0
+    if st is None:
+        info.mode, info.mtime = 0o644, 0
+    else:
+        info.mode = stat.S_IMODE(st.st_mode)
+        for field in ("uid", "gid"):
+            value = getattr(st, f"st_{field}")
+            if value >= 8**7:
+                records.append(_pax_record(field, str(value).encode()))
+                value = 0
+            setattr(info, field, value)
+        info.mtime = st.st_mtime_ns // 1_000_000_000
+        if st.st_mtime_ns % 1_000_000_000:
+            records.append(_pax_record("mtime", _pax_time(st.st_mtime_ns).encode()))  # exact, unlike a float
+        if kind in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+            info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+    for key, value in xattrs:
+        records.append(_pax_record(f"SCHILY.xattr.{key}", value))
+    header = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    if not records:
+        return header
+    data = b"".join(records)
+    ext = tarfile.TarInfo("pax-header")
+    ext.type = tarfile.XHDTYPE
+    ext.size = len(data)
+    ext.mode = 0o644
+    ext.uname = ext.gname = ""
+    return ext.tobuf(tarfile.USTAR_FORMAT) + data + bytes(-len(data) % _BLOCK) + header
+
+
+class _Counted:
+    """The uncompressed tar stream's length, for padding its end to a whole record."""
+
+    def __init__(self, out: _Sink | gzip.GzipFile) -> None:
+        self.out = out
+        self.length = 0
+
+    def write(self, data: bytes) -> int:
+        self.length += len(data)
+        return self.out.write(data)
+
+
+def _copy_into(out: _Counted, path: str, size: int) -> None:
+    """File data, exactly ``size`` bytes: a file that shrank meanwhile is padded, one that
+    grew is cut, as the header already promised ``size`` (GNU tar does the same)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        left = size
+        while left:
+            data = os.read(fd, min(left, _CHUNK))
+            if not data:
+                log.warning("export: %s shrank while it was read; padded with zeros", path)
+                data = bytes(min(left, _CHUNK))
+            out.write(data)
+            left -= len(data)
+    finally:
+        os.close(fd)
+    if size % _BLOCK:
+        out.write(bytes(_BLOCK - size % _BLOCK))
+
+
+def export_diff(upperdir: str, fd: int, compression: str = "none") -> ExportResult:
+    """Stream ``upperdir`` to ``fd`` as a layer tar; the caller keeps ``fd`` open."""
+    if compression not in COMPRESSIONS:
+        raise InvalidArgument(f"compression: {compression!r} is not one of {', '.join(COMPRESSIONS)}")
+    check_fd(fd, writing=True)
+    sink = _Sink(fd)
+    zipped = None
+    if compression == "gzip":
+        zipped = gzip.GzipFile(filename="", mode="wb", fileobj=sink, compresslevel=6, mtime=0)
+    out = _Counted(zipped or sink)
+    first_names: dict[tuple[int, int], str] = {}  # D7: (dev, ino) -> first name in the layer
+    entries = 0
+    for e in layerfs.walk_upper(upperdir) if upperdir else ():
+        st = e.st
+        head, _, base = e.rel.rpartition("/")
+        if e.whiteout:
+            # E1: a deletion is an empty regular file named .wh.<name>.
+            name = f"{head}/{WHITEOUT_PREFIX}{base}" if head else WHITEOUT_PREFIX + base
+            out.write(_header(name, tarfile.REGTYPE, None))
+            entries += 1
+            continue
+        mode = st.st_mode
+        xattrs = layerfs.read_xattrs(e.path)
+        if stat.S_ISDIR(mode):
+            out.write(_header(e.rel, tarfile.DIRTYPE, st, xattrs))
+            entries += 1
+            if e.opaque:
+                # E1: the directory entry, without overlay xattrs, then its marker.
+                out.write(_header(f"{e.rel}/{OPAQUE_MARKER}", tarfile.REGTYPE, None))
+                entries += 1
+            continue
+        if st.st_nlink > 1:
+            key = (st.st_dev, st.st_ino)
+            first = first_names.get(key)
+            if first is not None:
+                out.write(_header(e.rel, tarfile.LNKTYPE, st, xattrs, linkname=first))
+                entries += 1
+                continue
+            first_names[key] = e.rel
+        if stat.S_ISREG(mode):
+            out.write(_header(e.rel, tarfile.REGTYPE, st, xattrs, size=st.st_size))
+            _copy_into(out, e.path, st.st_size)
+        elif stat.S_ISLNK(mode):
+            out.write(_header(e.rel, tarfile.SYMTYPE, st, xattrs, linkname=os.readlink(e.path)))
+        elif stat.S_ISFIFO(mode):
+            out.write(_header(e.rel, tarfile.FIFOTYPE, st, xattrs))
+        elif stat.S_ISCHR(mode):
+            out.write(_header(e.rel, tarfile.CHRTYPE, st, xattrs))
+        elif stat.S_ISBLK(mode):
+            out.write(_header(e.rel, tarfile.BLKTYPE, st, xattrs))
+        else:
+            continue
+        entries += 1
+    # The end: two zero blocks, padded to a whole record as tar(1) and tarfile write it.
+    trailer = 2 * _BLOCK
+    out.write(bytes(trailer + (-(out.length + trailer)) % _RECORD))
+    if zipped is not None:
+        zipped.close()  # writes the gzip trailer into the sink
+    sink.flush()
+    return ExportResult(sink.written, entries)
+
+
+# ---- ImportLayer ----------------------------------------------------------------------
+
+
+class _Header(tarfile.TarInfo):
+    """Refuses extended headers big enough to exhaust memory: tarfile reads them whole."""
+
+    def _proc_pax(self, tf):
+        if self.size > _MAX_HEADER:
+            raise InvalidArgument(f"a PAX header of {self.size} bytes; at most {_MAX_HEADER} are accepted")
+        return super()._proc_pax(tf)
+
+    def _proc_gnulong(self, tf):
+        if self.size > _MAX_HEADER:
+            raise InvalidArgument(f"a GNU long name of {self.size} bytes; at most {_MAX_HEADER} are accepted")
+        return super()._proc_gnulong(tf)
+
+
+def _components(name: str, what: str = "name") -> list[str]:
+    """A member name as path components below the layer's root; refuses escapes (E3)."""
+    if name.startswith("/"):
+        raise InvalidArgument(f"entry {name!r}: absolute {what}; a layer holds relative paths")
+    if len(name.encode("utf-8", "surrogateescape")) > layerfs.PATH_MAX:
+        raise InvalidArgument(f"entry {name[:64]!r}...: {what} longer than {layerfs.PATH_MAX} bytes")
+    parts = []
+    for part in name.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            raise InvalidArgument(f"entry {name!r}: '..' in the {what} would leave the layer")
+        if len(part.encode("utf-8", "surrogateescape")) > layerfs.NAME_MAX:
+            raise InvalidArgument(f"entry {name!r}: a component is longer than {layerfs.NAME_MAX} bytes")
+        parts.append(part)
+    return parts
+
+
+def _mtime_ns(member: tarfile.TarInfo) -> int:
+    text = member.pax_headers.get("mtime")
+    if text:
+        whole, _, frac = text.partition(".")
+        try:
+            seconds = int(whole)
+            ns = int((frac + "000000000")[:9]) if frac else 0
+        except ValueError:
+            raise InvalidArgument(f"entry {member.name!r}: bad PAX mtime {text!r}") from None
+        return seconds * 1_000_000_000 + (-ns if text.startswith("-") else ns)
+    return int(member.mtime) * 1_000_000_000
+
+
+def _meta(member: tarfile.TarInfo) -> Meta:
+    xattrs = []
+    for key, value in member.pax_headers.items():
+        if not key.startswith("SCHILY.xattr."):
+            continue
+        name = key[len("SCHILY.xattr."):]
+        if not layerfs.exported_xattr(name):
+            # D6: overlay's own (and other trusted/security) xattrs never come from a layer.
+            log.info("import: dropped xattr %s of %s", name, member.name)
+            continue
+        raw = value.encode("utf-8", "surrogateescape")
+        if len(raw) > layerfs.XATTR_SIZE_MAX:
+            raise InvalidArgument(f"entry {member.name!r}: xattr {name} is larger than {layerfs.XATTR_SIZE_MAX} bytes")
+        xattrs.append((name, raw))
+    return Meta(member.mode & 0o7777, member.uid, member.gid, _mtime_ns(member), tuple(sorted(xattrs)))
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    entries: int
+
+
+class _Importer:
+    def __init__(self, destdir: str, devices: bool) -> None:
+        self.builder = Builder(destdir)
+        self.devices = devices
+        self.seen: dict[str, str] = {}  # rel -> "dir", "file" (any non-directory) or "whiteout"
+        self.implicit: set[str] = set()  # directories made for a child before their own entry
+        self.opaque: set[str] = set()
+        vfs = os.statvfs(destdir)
+        self.room = vfs.f_bavail * vfs.f_frsize
+        self.total = 0
+
+    def _claim(self, rel: str, kind: str) -> None:
+        if rel in self.seen:
+            raise InvalidArgument(f"entry {rel!r} appears twice in the layer")
+        self.seen[rel] = kind
+
+    def add(self, tf: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+        parts = _components(member.name)
+        if not parts:
+            if not member.isdir():
+                raise InvalidArgument(f"entry {member.name!r}: the layer's root must be a directory")
+            return  # the root: destdir itself stays as the caller made it
+        if any(p.startswith(AUFS_META_PREFIX) for p in parts[:-1]) or (
+            parts[-1].startswith(AUFS_META_PREFIX) and parts[-1] != OPAQUE_MARKER
+        ):
+            return
+        for p in parts[:-1]:
+            if p.startswith(WHITEOUT_PREFIX):
+                raise InvalidArgument(f"entry {member.name!r}: a whiteout name cannot be a directory")
+        base = parts[-1]
+        head = "/".join(parts[:-1])
+        if base == OPAQUE_MARKER:
+            key = f"{head}/{OPAQUE_MARKER}"
+            self._claim(key, "marker")
+            if head and self.seen.get(head, "dir") != "dir":
+                raise InvalidArgument(f"entry {member.name!r}: {head!r} is not a directory")
+            if head:
+                self.builder.set_opaque(head, self.implicit)
+                if head not in self.seen:
+                    self.implicit.add(head)
+            else:
+                raise InvalidArgument("an opaque marker at the layer's root; a root cannot hide lower layers")
+            return
+        if base.startswith(WHITEOUT_PREFIX):
+            target = base[len(WHITEOUT_PREFIX):]
+            if target in ("", ".", ".."):
+                raise InvalidArgument(f"entry {member.name!r}: names no file to delete (E3)")
+            rel = f"{head}/{target}" if head else target
+            self._claim(rel, "whiteout")
+            self.builder.whiteout(rel, self.implicit)
+            return
+        rel = "/".join(parts)
+        meta = _meta(member)
+        if member.isdir():
+            existed = rel in self.implicit
+            if existed:
+                self.implicit.discard(rel)
+                self.seen.pop(rel, None)
+            self._claim(rel, "dir")
+            self.builder.directory(rel, meta, exists=existed, implicit=self.implicit)
+            return
+        if rel in self.implicit:
+            raise InvalidArgument(f"entry {rel!r}: earlier entries used it as a directory")
+        self._claim(rel, "file")
+        if member.isreg():
+            self.total += member.size
+            if self.total > self.room:
+                raise InvalidArgument(
+                    f"entry {rel!r} of {member.size} bytes: the layer does not fit in destdir's free space"
+                )
+            fd = self.builder.regular(rel, meta, self.implicit)
+            try:
+                src = tf.extractfile(member)
+                assert src is not None
+                while chunk := src.read(_CHUNK):
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view):]
+            except BaseException:
+                os.close(fd)
+                raise
+            self.builder.finish_regular(fd, meta)
+        elif member.issym():
+            if not member.linkname or len(member.linkname.encode("utf-8", "surrogateescape")) >= layerfs.PATH_MAX:
+                raise InvalidArgument(f"entry {rel!r}: empty or over-long symlink target")
+            self.builder.symlink(rel, member.linkname, meta, self.implicit)
+        elif member.islnk():
+            target = "/".join(_components(member.linkname, "link target"))
+            if self.seen.get(target) != "file" or target == rel:
+                raise InvalidArgument(
+                    f"entry {rel!r}: hard link to {member.linkname!r}, which is not an earlier file of this layer"
+                )
+            self.builder.hardlink(rel, target, self.implicit)
+        elif member.isfifo():
+            self.builder.node(rel, stat.S_IFIFO, 0, meta, self.implicit)
+        elif member.ischr() or member.isblk():
+            if member.ischr() and member.devmajor == 0 and member.devminor == 0:
+                raise InvalidArgument(f"entry {rel!r}: a 0/0 device is overlay's whiteout; layers use .wh. names")
+            if not self.devices:
+                raise InvalidArgument(f"entry {rel!r}: a device file; pass devices=true to allow them")
+            kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
+            self.builder.node(rel, kind, os.makedev(member.devmajor, member.devminor), meta, self.implicit)
+        else:
+            raise InvalidArgument(f"entry {rel!r}: tar entry type {member.type!r} has no place in a layer")
+
+
+def import_layer(fd: int, destdir: str, devices: bool = False) -> ImportResult:
+    """Unpack the layer tar read from ``fd`` into the empty ``destdir``.
+
+    On any error, everything made below ``destdir`` is removed again, so a refused
+    archive leaves destdir as empty as it was.
+    """
+    check_fd(fd, writing=False)
+    layerfs.check_destdir_empty(destdir)
+    importer = _Importer(destdir, devices)
+    try:
+        try:
+            tf = tarfile.open(fileobj=_Source(fd), mode="r|*", tarinfo=_Header, errorlevel=2)
+            with tf:
+                while (member := tf.next()) is not None:
+                    importer.add(tf, member)
+                    tf.members.clear()  # stream mode keeps every header otherwise
+        except (tarfile.TarError, EOFError, gzip.BadGzipFile) as e:
+            raise InvalidArgument(f"not a readable layer tar: {e}") from None
+        except UnicodeError as e:
+            raise InvalidArgument(f"a name in the layer is not valid: {e}") from None
+        except OSError as e:
+            if e.errno in (errno.EEXIST, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG):
+                raise InvalidArgument(f"the layer cannot be unpacked: {e}") from None
+            if e.errno == errno.ENOSPC:
+                raise InvalidArgument("the layer does not fit in destdir's file system") from None
+            raise
+        entries = importer.builder.finish()
+    except BaseException:
+        importer.builder.close()
+        layerfs.empty_directory(destdir)
+        raise
+    importer.builder.close()
+    return ImportResult(entries)
+
+
+# ---- Commit ---------------------------------------------------------------------------
+
+
+def commit(upperdir: str, destdir: str) -> ImportResult:
+    """Copy an upper into the empty ``destdir`` as a native layer.
+
+    Whiteouts become 0/0 devices whatever form they had (D2), opaque directories keep
+    ``trusted.overlay.opaque=y``, every other overlay xattr is dropped (D6). The caller
+    keeps the upper still while this runs.
+    """
+    layerfs.check_destdir_empty(destdir)
+    builder = Builder(destdir)
+    first_names: dict[tuple[int, int], str] = {}
+    try:
+        for e in layerfs.walk_upper(upperdir) if upperdir else ():
+            st = e.st
+            mode = st.st_mode
+            if e.whiteout:
+                builder.whiteout(e.rel)
+                continue
+            meta = Meta.of(st, layerfs.read_xattrs(e.path))
+            if stat.S_ISDIR(mode):
+                builder.directory(e.rel, meta, opaque=e.opaque)
+                continue
+            if st.st_nlink > 1:
+                key = (st.st_dev, st.st_ino)
+                if key in first_names:
+                    builder.hardlink(e.rel, first_names[key])
+                    continue
+                first_names[key] = e.rel
+            if stat.S_ISREG(mode):
+                out = builder.regular(e.rel, meta)
+                try:
+                    _copy_file(e.path, out)
+                except BaseException:
+                    os.close(out)
+                    raise
+                builder.finish_regular(out, meta)
+            elif stat.S_ISLNK(mode):
+                builder.symlink(e.rel, os.readlink(e.path), meta)
+            else:
+                builder.node(e.rel, stat.S_IFMT(mode), st.st_rdev, meta)
+        entries = builder.finish()
+    except BaseException:
+        builder.close()
+        layerfs.empty_directory(destdir)
+        raise
+    builder.close()
+    return ImportResult(entries)
+
+
+def _copy_file(path: str, out: int) -> None:
+    src = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        while True:
+            try:
+                n = os.copy_file_range(src, out, 1 << 30)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                while data := os.read(src, _CHUNK):
+                    os.write(out, data)
+                return
+            if n == 0:
+                return
+    finally:
+        os.close(src)
