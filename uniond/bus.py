@@ -10,6 +10,7 @@ import asyncio
 import contextvars
 import functools
 import logging
+import os
 from collections import OrderedDict
 from typing import Any
 
@@ -20,7 +21,7 @@ from dbus_next.errors import DBusError
 from dbus_next.service import ServiceInterface, dbus_property, method, signal
 
 from uniond import constants
-from uniond.errors import Failed, NotFound, UniondError
+from uniond.errors import Failed, InvalidArgument, NotFound, UniondError
 from uniond.manager import MountManager, MountRequest
 from uniond.options import ForeignValue
 from uniond.records import MountRecord
@@ -48,6 +49,11 @@ def _wrap(value: Any) -> Variant:
     if isinstance(value, int):
         return Variant("t", value)
     return Variant("s", str(value))
+
+
+def _attached(fd: int | None) -> None:
+    if fd is None:
+        raise InvalidArgument("fd: the message carries no file descriptor for it")
 
 
 def mount_path(mount_id: str) -> str:
@@ -194,6 +200,9 @@ class ManagerInterface(ServiceInterface):
             {
                 "Mount": ["mount"],
                 "Diff": ["changes"],
+                "ExportDiff": ["bytes"],
+                "ImportLayer": ["entries"],
+                "Commit": ["entries"],
                 "ListMounts": ["mounts"],
                 "MountAdded": ["mount", "mountpoint"],
                 "MountRemoved": ["mount", "mountpoint"],
@@ -220,6 +229,45 @@ class ManagerInterface(ServiceInterface):
         mount_id = mount_id_of(mount)
         changes = await asyncio.to_thread(self.manager.diff, mount_id, _unwrap_options(options))
         return [[c.kind, c.path] for c in changes]
+
+    # dbus-next hands an "h" argument over as the received descriptor itself and never
+    # closes it: the method owns it and closes it on every path. An index with no
+    # descriptor attached arrives as None.
+
+    @method()
+    @translated
+    async def ExportDiff(self, mount: "o", fd: "h", options: "a{sv}") -> "t":
+        try:
+            _attached(fd)
+            caller = await self.service.caller_uid()
+            result = await asyncio.to_thread(
+                self.manager.export_diff, mount_id_of(mount), fd, _unwrap_options(options), caller
+            )
+        finally:
+            if fd is not None:
+                os.close(fd)
+        return result.bytes
+
+    @method()
+    @translated
+    async def ImportLayer(self, fd: "h", destdir: "s", options: "a{sv}") -> "t":
+        try:
+            _attached(fd)
+            caller = await self.service.caller_uid()
+            result = await asyncio.to_thread(self.manager.import_layer, fd, destdir, _unwrap_options(options), caller)
+        finally:
+            if fd is not None:
+                os.close(fd)
+        return result.entries
+
+    @method()
+    @translated
+    async def Commit(self, mount: "o", destdir: "s", options: "a{sv}") -> "t":
+        caller = await self.service.caller_uid()
+        result = await asyncio.to_thread(
+            self.manager.commit, mount_id_of(mount), destdir, _unwrap_options(options), caller
+        )
+        return result.entries
 
     @method()
     @translated

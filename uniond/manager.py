@@ -12,12 +12,15 @@ import errno
 import logging
 import os
 import secrets
+import threading
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from uniond import diff, engine, holders, mountinfo, options, paths
+from uniond import diff, engine, holders, layers, mountinfo, options, paths
 from uniond.errors import AlreadyMounted, Busy, Failed, InvalidArgument, NotFound, NotPermitted
 from uniond.records import MountRecord, MountSpec
 from uniond.state import StateStore, boot_id
@@ -56,6 +59,10 @@ class MountManager:
         self._stale: dict[str, MountRecord] = {}  # gone from the kernel, cleanup pending
         self._listeners: list[MountListener] = []
         self._boot_id = boot_id()
+        # Layer operations run in worker threads; these say what they are using.
+        self._lock = threading.Lock()
+        self._in_use: Counter[str] = Counter()  # mount id -> running exports/commits
+        self._destdirs: set[str] = set()  # being filled by ImportLayer or Commit
 
     def subscribe(self, listener: MountListener) -> None:
         self._listeners.append(listener)
@@ -75,6 +82,102 @@ class MountManager:
         options.check("Diff", opts, options.DIFF_OPTIONS)
         record = self.get(mount_id)
         return diff.changes(record.spec.upperdir, record.spec.lowerdirs)
+
+    # ---- layers (run in worker threads) --------------------------------------------
+
+    @staticmethod
+    def _only_root(caller: int, what: str) -> None:
+        if caller != 0:
+            # Until callers are authorised per action (polkit), layers are root's alone.
+            raise NotPermitted(f"only root may {what}; ask an administrator")
+
+    @contextmanager
+    def _using(self, mount_id: str) -> Iterator[MountRecord]:
+        """Holds the mount against Unmount while a layer operation reads its upper."""
+        with self._lock:
+            record = self.get(mount_id)
+            self._in_use[mount_id] += 1
+        try:
+            yield record
+        finally:
+            with self._lock:
+                self._in_use[mount_id] -= 1
+                if not self._in_use[mount_id]:
+                    del self._in_use[mount_id]
+
+    @contextmanager
+    def _filling(self, destdir: str) -> Iterator[str]:
+        """Checks ``destdir`` and claims it, so that two calls never fill it at once."""
+        dest = paths.existing_dir("destdir", destdir)
+        for record in self.records.values():
+            spec = record.spec
+            named = {"mountpoint": spec.mountpoint, "upperdir": spec.upperdir, "workdir": spec.workdir}
+            named.update({f"lowerdirs[{i}]": p for i, p in enumerate(spec.lowerdirs)})
+            for name, path in named.items():
+                if path and (paths.inside(dest, path) or paths.inside(path, dest)):
+                    raise InvalidArgument(
+                        f"destdir {dest!r} overlaps the {name} {path!r} of mount {record.id}; "
+                        "give a directory outside every mount's layers"
+                    )
+        with self._lock:
+            if any(paths.inside(dest, d) or paths.inside(d, dest) for d in self._destdirs):
+                raise Busy(f"destdir {dest!r} is already being filled by another call")
+            self._destdirs.add(dest)
+        try:
+            yield dest
+        finally:
+            with self._lock:
+                self._destdirs.discard(dest)
+
+    def export_diff(self, mount_id: str, fd: int, opts: dict[str, Any], caller: int) -> layers.ExportResult:
+        opts = options.check("ExportDiff", opts, options.EXPORT_OPTIONS)
+        self._only_root(caller, "export a mount's changes")
+        with self._using(mount_id) as record:
+            result = layers.export_diff(record.spec.upperdir, fd, opts.get("compression", "none"))
+        log.info("mount %s: exported %d entries, %d bytes", mount_id, result.entries, result.bytes)
+        return result
+
+    def import_layer(self, fd: int, destdir: str, opts: dict[str, Any], caller: int) -> layers.ImportResult:
+        opts = options.check("ImportLayer", opts, options.IMPORT_OPTIONS)
+        self._only_root(caller, "import a layer")
+        with self._filling(destdir) as dest:
+            result = layers.import_layer(fd, dest, devices=opts.get("devices", False))
+        log.info("imported a layer of %d entries into %s", result.entries, dest)
+        return result
+
+    def commit(self, mount_id: str, destdir: str, opts: dict[str, Any], caller: int) -> layers.ImportResult:
+        opts = options.check("Commit", opts, options.COMMIT_OPTIONS)
+        self._only_root(caller, "commit a mount")
+        with self._using(mount_id) as record, self._filling(destdir) as dest:
+            spec = record.spec
+            frozen = bool(spec.upperdir) and not spec.readonly
+            if frozen:
+                self._freeze(record)
+            try:
+                result = layers.commit(spec.upperdir, dest)
+            finally:
+                if frozen:
+                    try:
+                        engine.set_readonly(spec.mountpoint, False)
+                    except OSError as e:
+                        log.error("mount %s: could not make it writable again after Commit: %s", mount_id, e)
+        log.info("mount %s: committed %d entries into %s", mount_id, result.entries, dest)
+        return result
+
+    @staticmethod
+    def _freeze(record: MountRecord) -> None:
+        """Writers are held off for the copy, so the layer is one moment of the upper."""
+        mountpoint = record.spec.mountpoint
+        try:
+            engine.set_readonly(mountpoint, True)
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                users = ", ".join(str(h) for h in holders.find(mountpoint)) or "no process found"
+                raise Busy(
+                    f"mount {record.id} has files open for writing, so its upper cannot be held still "
+                    f"for Commit; used by: {users}"
+                ) from None
+            raise Failed(f"could not freeze mount {record.id} for Commit: {e.strerror or e}") from e
 
     # ---- start-up --------------------------------------------------------------
 
@@ -270,6 +373,9 @@ class MountManager:
         record = self.get(mount_id)
         if caller not in (0, record.owner):
             raise NotPermitted(f"mount {mount_id} belongs to uid {record.owner}; only its owner or root may unmount it")
+        with self._lock:
+            if self._in_use[mount_id]:
+                raise Busy(f"mount {mount_id} is being exported or committed; unmount it when that has finished")
         mountpoint = record.spec.mountpoint
         try:
             engine.unmount(mountpoint, lazy=opts.get("lazy", False))

@@ -44,3 +44,6 @@ MOUNT_OPTIONS: dict[str, type] = {
 }
 UNMOUNT_OPTIONS: dict[str, type] = {"lazy": bool}
 DIFF_OPTIONS: dict[str, type] = {}
+EXPORT_OPTIONS: dict[str, type] = {"compression": str}  # "none" (default) or "gzip"
+IMPORT_OPTIONS: dict[str, type] = {"devices": bool}  # allow device files in the layer
+COMMIT_OPTIONS: dict[str, type] = {}

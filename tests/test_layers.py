@@ -1,0 +1,296 @@
+"""ExportDiff, ImportLayer and Commit as callers meet them: over the bus, with real fds."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import stat
+import subprocess
+import tarfile
+import threading
+import time
+
+import pytest
+from dbus_next import Message, Variant
+from harness import CallError
+from views import view
+
+from uniond import constants
+
+E = constants.ERROR_PREFIX
+
+
+def call_with_fd(client, member, signature, body, fd):
+    """``body`` holds 0 where the fd goes: dbus-next sends "h" as an index into unix_fds."""
+    return client.call_raw(constants.BUS_NAME, constants.MANAGER_PATH, constants.MANAGER_INTERFACE,
+                           member, signature, body, unix_fds=[fd])
+
+
+def export(client, mount, path, **opts):
+    with open(path, "wb") as f:
+        options = {k: Variant("s", v) for k, v in opts.items()}
+        return call_with_fd(client, "ExportDiff", "oha{sv}", [mount, 0, options], f.fileno())[0]
+
+
+def import_layer(client, path, destdir, **opts):
+    with open(path, "rb") as f:
+        options = {k: Variant("b", v) for k, v in opts.items()}
+        return call_with_fd(client, "ImportLayer", "hsa{sv}", [0, str(destdir), options], f.fileno())[0]
+
+
+def commit(client, mount, destdir):
+    return client.call("Commit", "osa{sv}", mount, str(destdir), {})[0]
+
+
+def make_changes(merge):
+    os.unlink(merge / "a")  # a lower file: a whiteout
+    (merge / "d").write_text("added")
+    os.link(merge / "d", merge / "d-link")
+    os.symlink("../etc/passwd", merge / "s")
+    os.setxattr(merge / "d", "user.note", b"\xff\x00binary")
+    os.chmod(merge / "b", 0o600)
+    (merge / "dir/sub").mkdir(parents=True)
+    (merge / "dir/sub/f").write_bytes(os.urandom(300_000))
+    os.chown(merge / "dir/sub/f", 1234, 5678)
+    (merge / ("long-" + "x" * 150)).write_text("a name longer than ustar's 100 bytes")
+
+
+def test_export_import_commit_round_trip(client, layers, tmp_path):
+    t = layers
+    (t / "image1/dir").mkdir()
+    (t / "image1/dir/gone").write_text("hidden by an opaque directory")
+    path = client.mount([t / "image2", t / "image1"], t / "upper", t / "merge")
+    make_changes(t / "merge")
+    subprocess.run(["rm", "-rf", str(t / "merge/dir")], check=True)
+    (t / "merge/dir").mkdir()  # re-created over a lower directory: opaque
+    (t / "merge/dir/new").write_text("in the opaque directory")
+    expected = view(t / "merge")
+
+    size = export(client, path, tmp_path / "layer.tar")
+    assert size == os.path.getsize(tmp_path / "layer.tar") and size % 10240 == 0
+    gnu = subprocess.run(["tar", "-tvf", str(tmp_path / "layer.tar")], capture_output=True, text=True)
+    assert gnu.returncode == 0 and gnu.stderr == "", gnu.stderr
+    with tarfile.open(tmp_path / "layer.tar", errorlevel=2) as tf:
+        names = tf.getnames()
+        xattrs = tf.getmember("d").pax_headers["SCHILY.xattr.user.note"]
+    assert names.index("dir") < names.index("dir/.wh..wh..opq") < names.index("dir/new"), "E1, E2"
+    assert ".wh.a" in names and len(names) == len(set(names))
+    assert xattrs.encode("utf-8", "surrogateescape") == b"\xff\x00binary"
+    with tarfile.open(tmp_path / "layer.tar") as tf:
+        assert tf.getmember("d-link").islnk() and tf.getmember("d-link").linkname == "d", "D7"
+
+    gz = export(client, path, tmp_path / "layer.tar.gz", compression="gzip")
+    assert gz < size and subprocess.run(["tar", "-tzf", str(tmp_path / "layer.tar.gz")],
+                                        capture_output=True).stderr == b""
+
+    for name, source in (("imported", tmp_path / "layer.tar"), ("imported-gz", tmp_path / "layer.tar.gz")):
+        (tmp_path / name).mkdir()
+        entries = import_layer(client, source, tmp_path / name)
+        assert entries == len(names) - 1  # every entry but the opaque marker, which is an xattr
+        assert stat.S_ISCHR(os.lstat(tmp_path / name / "a").st_mode), "E3: .wh.a is a 0/0 device"
+        assert os.getxattr(tmp_path / name / "dir", "trusted.overlay.opaque") == b"y"
+    (tmp_path / "committed").mkdir()
+    assert commit(client, path, tmp_path / "committed") == len(names) - 1
+
+    for layer in ("imported", "imported-gz", "committed"):
+        ro = client.mount([tmp_path / layer, t / "image2", t / "image1"])
+        assert view(client.props(ro)["Mountpoint"]) == expected, f"{layer} stacked shows the merged view"
+        client.unmount(ro)
+
+
+def test_export_streams_and_the_daemon_answers_meanwhile(client, layers):
+    t = layers
+    path = client.mount([t / "image1"], t / "upper", t / "merge")
+    (t / "merge/big").write_bytes(os.urandom(8 << 20))
+    read_end, write_end = os.pipe()
+    msg = Message(destination=constants.BUS_NAME, path=constants.MANAGER_PATH, interface=constants.MANAGER_INTERFACE,
+                  member="ExportDiff", signature="oha{sv}", body=[path, 0, {}], unix_fds=[write_end])
+    pending = asyncio.ensure_future(client.bus.call(msg), loop=client.loop)
+    client.pump(0.3)
+    os.close(write_end)  # the daemon holds its own copy now
+    assert not pending.done(), "the export waits for a reader: the pipe is full"
+    started = time.monotonic()
+    assert client.list() == [path]
+    assert time.monotonic() - started < 1, "other calls are answered during an export"
+    with pytest.raises(CallError) as e:
+        client.unmount(path)
+    assert e.value.name == f"{E}.Busy", "a mount is not taken away from under its export"
+    received = bytearray()
+
+    def drain():
+        while chunk := os.read(read_end, 1 << 16):
+            received.extend(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    reply = client.loop.run_until_complete(asyncio.wait_for(pending, 60))
+    reader.join()
+    os.close(read_end)
+    assert reply.body == [len(received)]
+    with tarfile.open(fileobj=io.BytesIO(bytes(received))) as tf:
+        assert tf.extractfile("big").read() == (t / "upper/big").read_bytes()
+
+
+def test_gdbus_passes_the_fd(client, layers, bus, tmp_path):
+    """busctl (systemd 252) refuses "h" arguments; gdbus call sends its own fd N for "@h N"."""
+    t = layers
+    path = client.mount([t / "image1"], t / "upper", t / "merge")
+    (t / "merge/n").write_text("n")
+    gdbus = ["gdbus", "call", f"--address={bus.address}", "--dest", constants.BUS_NAME,
+             "--object-path", constants.MANAGER_PATH, "--method"]
+    with open(tmp_path / "layer.tar", "wb") as f:
+        out = subprocess.run(gdbus + [f"{constants.MANAGER_INTERFACE}.ExportDiff", path, "3", "{}"],
+                             capture_output=True, text=True, pass_fds=(3,),
+                             preexec_fn=lambda: os.dup2(f.fileno(), 3))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"(uint64 {os.path.getsize(tmp_path / 'layer.tar')},)"
+    (tmp_path / "imp").mkdir()
+    with open(tmp_path / "layer.tar", "rb") as f:
+        out = subprocess.run(gdbus + [f"{constants.MANAGER_INTERFACE}.ImportLayer", "3", str(tmp_path / "imp"), "{}"],
+                             capture_output=True, text=True, pass_fds=(3,), preexec_fn=lambda: os.dup2(f.fileno(), 3))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "(uint64 1,)" and (tmp_path / "imp/n").read_text() == "n"
+
+
+def test_errors(client, layers, tmp_path):
+    t = layers
+    path = client.mount([t / "image1"], t / "upper", t / "merge")
+    (tmp_path / "dest").mkdir()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full/x").touch()
+    cases = [
+        (lambda: export(client, f"{constants.MOUNT_PATH_PREFIX}/nope", tmp_path / "x.tar"), "NotFound", "nope"),
+        (lambda: export(client, path, tmp_path / "x.tar", compression="lz4"), "InvalidArgument", "compression"),
+        (lambda: call_with_fd(client, "ExportDiff", "oha{sv}", [path, 0, {"bogus": Variant("b", True)}],
+                              os.open(t / "image1/a", os.O_RDONLY)), "InvalidArgument", "'bogus'"),
+        (lambda: call_with_fd(client, "ExportDiff", "oha{sv}", [path, 0, {}], os.open(t / "image1/a", os.O_RDONLY)),
+         "InvalidArgument", "reading only"),
+        (lambda: client.call("ExportDiff", "oha{sv}", path, 0, {}), "InvalidArgument", "no file descriptor"),
+        (lambda: commit(client, path, tmp_path / "full"), "InvalidArgument", "not empty"),
+        (lambda: commit(client, path, t / "upper"), "InvalidArgument", "overlaps"),
+        (lambda: commit(client, path, "relative"), "InvalidArgument", "relative"),
+        (lambda: commit(client, f"{constants.MOUNT_PATH_PREFIX}/nope", tmp_path / "dest"), "NotFound", "nope"),
+        (lambda: import_layer(client, t / "image1/a", tmp_path / "dest"), "InvalidArgument", "not a readable"),
+        (lambda: import_layer(client, t / "image1/a", tmp_path / "missing"), "InvalidArgument", "does not exist"),
+    ]
+    for call, name, needle in cases:
+        with pytest.raises(CallError) as e:
+            call()
+        assert e.value.name == f"{E}.{name}", e.value
+        assert needle in e.value.text and "Traceback" not in e.value.text
+    assert os.listdir(tmp_path / "dest") == []
+    # No descriptor leaks in the daemon however a call ends.
+    assert client.list() == [path]
+
+
+def test_commit_freezes_writers_and_thaws(client, layers, tmp_path):
+    t = layers
+    path = client.mount([t / "image1"], t / "upper", t / "merge")
+    (tmp_path / "c1").mkdir()
+    with open(t / "merge/open-for-writing", "w") as f:
+        f.write("x")
+        with pytest.raises(CallError) as e:
+            commit(client, path, tmp_path / "c1")
+        assert e.value.name == f"{E}.Busy" and "open for writing" in e.value.text
+    assert commit(client, path, tmp_path / "c1") == 1
+    (t / "merge/after").write_text("the mount is writable again")
+
+
+# ---- hostile archives ---------------------------------------------------------------
+
+
+def _tar(*members: tuple[tarfile.TarInfo, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for info, data in members:
+            info.size = len(data) if info.isreg() else 0
+            tf.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    return buf.getvalue()
+
+
+def _entry(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "", **attrs) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    for key, value in attrs.items():
+        setattr(info, key, value)
+    return info
+
+
+def _hostile(outside: str) -> dict[str, bytes]:
+    f = _entry
+    info = f("big")  # a header claiming a 64 GiB file, then nothing
+    info.size = 64 << 30
+    huge = info.tobuf(tarfile.PAX_FORMAT) + bytes(1024)
+    pax = f("p")
+    pax.pax_headers = {"comment": "x" * (2 << 20)}
+    return {
+        "dotdot": _tar((f("../escape"), b"x")),
+        "dotdot-inner": _tar((f("a/../../escape"), b"x")),
+        "absolute": _tar((f(f"{outside}/abs"), b"x")),
+        "through-symlink": _tar((f("link", tarfile.SYMTYPE, outside), b""), (f("link/file"), b"x")),
+        "through-symlink-dotdot": _tar((f("up", tarfile.SYMTYPE, ".."), b""), (f("up/escape"), b"x")),
+        "hardlink-absolute": _tar((f("hl", tarfile.LNKTYPE, "/etc/passwd"), b"")),
+        "hardlink-dotdot": _tar((f("hl", tarfile.LNKTYPE, "../outside/target"), b"")),
+        "hardlink-through-symlink": _tar((f("link", tarfile.SYMTYPE, outside), b""),
+                                         (f("hl", tarfile.LNKTYPE, "link/target"), b"")),
+        "hardlink-forward": _tar((f("hl", tarfile.LNKTYPE, "later"), b""), (f("later"), b"x")),
+        "device": _tar((f("null", tarfile.CHRTYPE, devmajor=1, devminor=3), b"")),
+        "whiteout-device": _tar((f("wo", tarfile.CHRTYPE), b"")),
+        "wh-empty": _tar((f(".wh."), b"")),
+        "wh-dot": _tar((f("d/.wh.."), b"")),
+        "wh-dotdot": _tar((f(".wh..."), b"")),
+        "duplicate": _tar((f("a"), b"1"), (f("a"), b"2")),
+        "dir-then-file": _tar((f("d", tarfile.DIRTYPE), b""), (f("d"), b"x")),
+        "whiteout-and-file": _tar((f("x"), b"1"), (f(".wh.x"), b"")),
+        "huge-entry": huge,
+        "huge-pax-header": _tar((pax, b"")),
+        "long-component": _tar((f("n" * 300), b"")),
+        "not-a-tar": b"this is not a tar archive\n" * 100,
+        "truncated": _tar((f("a"), b"y" * 5000))[:2048],
+    }
+
+
+def test_hostile_archives_are_refused_and_leave_nothing(client, layers, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "target").write_text("must stay as it is")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    for case, data in _hostile(str(outside)).items():
+        (tmp_path / "layer.tar").write_bytes(data)
+        with pytest.raises(CallError) as e:
+            import_layer(client, tmp_path / "layer.tar", dest)
+        assert e.value.name == f"{E}.InvalidArgument", (case, e.value)
+        assert os.listdir(dest) == [], f"{case}: a refused layer leaves destdir empty"
+        assert sorted(os.listdir(outside)) == ["target"], case
+        assert (outside / "target").read_text() == "must stay as it is", case
+        assert os.stat(outside / "target").st_nlink == 1, case
+        assert not (tmp_path / "escape").exists() and not os.path.exists("/abs"), case
+
+
+def test_docker_style_layers_are_accepted(client, layers, tmp_path):
+    f = _entry
+    data = _tar(
+        (f("./etc/conf", mode=0o640, uid=7, gid=8, mtime=1_000_000), b"conf"),  # parent comes implicitly
+        (f("./etc/.wh..wh..opq"), b""),
+        (f("./etc", tarfile.DIRTYPE, mode=0o750, mtime=2_000_000), b""),  # the directory after its children
+        (f(".wh..wh.plnk", tarfile.DIRTYPE), b""),  # AUFS bookkeeping, skipped
+        (f(".wh..wh.plnk/123.456"), b""),
+        (f("usr/.wh.lib"), b""),
+        (f("bin", tarfile.SYMTYPE, "usr/bin"), b""),
+        (f("null", tarfile.CHRTYPE, devmajor=1, devminor=3), b""),
+    )
+    (tmp_path / "layer.tar.gz").write_bytes(__import__("gzip").compress(data))
+    (tmp_path / "dest").mkdir()
+    assert import_layer(client, tmp_path / "layer.tar.gz", tmp_path / "dest", devices=True) == 6
+    d = tmp_path / "dest"
+    st = os.stat(d / "etc/conf")
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime) == (0o640, 7, 8, 1_000_000)
+    assert stat.S_IMODE(os.stat(d / "etc").st_mode) == 0o750 and os.stat(d / "etc").st_mtime == 2_000_000
+    assert os.getxattr(d / "etc", "trusted.overlay.opaque") == b"y"
+    assert os.lstat(d / "usr/lib").st_rdev == 0 and stat.S_ISCHR(os.lstat(d / "usr/lib").st_mode)
+    assert os.readlink(d / "bin") == "usr/bin"
+    assert os.lstat(d / "null").st_rdev == os.makedev(1, 3)
+    assert sorted(os.listdir(d)) == ["bin", "etc", "null", "usr"]
