@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from harness import Bus, Client, Daemon, NotifySocket
+from hypothesis import HealthCheck, settings
 
 pytest_plugins = ["dbusmock.pytest_fixtures"]
 
@@ -76,3 +77,12 @@ def layers(tmp_path):
     for path in ("image1/a", "image1/b", "image2/c"):
         (tmp_path / path).write_text(path)
     return tmp_path
+
+
+# The property tests (tests/test_layers_property.py): fixed examples by default, so a
+# run is repeatable; "explore" draws new ones (replay one with --hypothesis-seed=N).
+settings.register_profile("ci", derandomize=True, max_examples=1000, deadline=None, database=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("explore", max_examples=1000, deadline=None, database=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile("ci")
