@@ -21,6 +21,7 @@ import logging
 import os
 import select
 import stat
+import struct
 import tarfile
 from dataclasses import dataclass
 
@@ -127,8 +128,8 @@ class ExportResult:
 
 
 def _pax_time(ns: int) -> str:
-    seconds, rest = divmod(ns, 1_000_000_000)
-    return f"{seconds}.{rest:09d}".rstrip("0").rstrip(".")
+    seconds, rest = divmod(abs(ns), 1_000_000_000)
+    return f"{'-' if ns < 0 else ''}{seconds}.{rest:09d}".rstrip("0").rstrip(".")
 
 
 def _pax_record(key: str, value: bytes) -> bytes:
@@ -143,6 +144,27 @@ def _fits_ustar(raw: bytes, limit: int = 100) -> bool:
     return len(raw) < limit and raw.isascii()
 
 
+_USTAR = struct.Struct("100s8s8s8s12s12s8s1s100s6s2s32s32s8s8s155s12s")
+_BLANK_CHKSUM = b" " * 8
+
+
+def _octal(value: int, width: int) -> bytes:
+    return b"%0*o\0" % (width - 1, value)
+
+
+def _ustar(name: bytes, kind: bytes, mode: int = 0o644, uid: int = 0, gid: int = 0, size: int = 0,
+           mtime: int = 0, linkname: bytes = b"", devmajor: int = 0, devminor: int = 0) -> bytes:
+    """A POSIX ustar header, as tarfile writes it, at a fraction of TarInfo.tobuf's cost
+    (which was two thirds of an export of small files). Every field must fit: the
+    caller moved what does not into PAX records."""
+    fields = [name, _octal(mode, 8), _octal(uid, 8), _octal(gid, 8), _octal(size, 12), _octal(mtime, 12),
+              _BLANK_CHKSUM, kind, linkname, b"ustar\0", b"00", b"", b"",
+              _octal(devmajor, 8), _octal(devminor, 8), b"", b""]
+    checksum = sum(b"".join(fields))  # the zero padding adds nothing
+    fields[6] = b"%06o\0 " % checksum
+    return _USTAR.pack(*fields)
+
+
 def _header(name: str, kind: bytes, st: os.stat_result | None, xattrs: tuple[tuple[str, bytes], ...] = (),
             size: int = 0, linkname: str = "") -> bytes:
     """One entry's headers: a PAX extended header when needed, then the ustar header.
@@ -154,51 +176,37 @@ def _header(name: str, kind: bytes, st: os.stat_result | None, xattrs: tuple[tup
     """
     records = []
     raw_name = name.encode("utf-8", "surrogateescape") + (b"/" if kind == tarfile.DIRTYPE else b"")
-    info = tarfile.TarInfo()
-    info.type = kind
-    info.uname = info.gname = ""  # OCI: ids are what count; no passwd lookups per entry
-    if _fits_ustar(raw_name):
-        info.name = raw_name.decode()
-    else:
+    if not _fits_ustar(raw_name):
         records.append(_pax_record("path", raw_name))
-        info.name = "pax-path"
+        raw_name = b"pax-path"
     raw_link = linkname.encode("utf-8", "surrogateescape")
-    if _fits_ustar(raw_link):
-        info.linkname = raw_link.decode()
-    else:
+    if not _fits_ustar(raw_link):
         records.append(_pax_record("linkpath", raw_link))
-        info.linkname = "pax-linkpath"
-    info.size = size
+        raw_link = b"pax-linkpath"
     if size >= 8**11:
         records.append(_pax_record("size", str(size).encode()))
-        info.size = 0
+        size = 0
     if st is None:
-        info.mode, info.mtime = 0o644, 0
+        header = _ustar(raw_name, kind, size=size, linkname=raw_link)
     else:
-        info.mode = stat.S_IMODE(st.st_mode)
-        for field in ("uid", "gid"):
-            value = getattr(st, f"st_{field}")
+        ids = []
+        for field, value in (("uid", st.st_uid), ("gid", st.st_gid)):
             if value >= 8**7:
                 records.append(_pax_record(field, str(value).encode()))
                 value = 0
-            setattr(info, field, value)
-        info.mtime = st.st_mtime_ns // 1_000_000_000
-        if st.st_mtime_ns % 1_000_000_000:
+            ids.append(value)
+        seconds, ns = divmod(st.st_mtime_ns, 1_000_000_000)
+        if ns or seconds < 0:
             records.append(_pax_record("mtime", _pax_time(st.st_mtime_ns).encode()))  # exact, unlike a float
-        if kind in (tarfile.CHRTYPE, tarfile.BLKTYPE):
-            info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+        device = kind in (tarfile.CHRTYPE, tarfile.BLKTYPE)
+        header = _ustar(raw_name, kind, stat.S_IMODE(st.st_mode), ids[0], ids[1], size, max(seconds, 0), raw_link,
+                        os.major(st.st_rdev) if device else 0, os.minor(st.st_rdev) if device else 0)
     for key, value in xattrs:
         records.append(_pax_record(f"SCHILY.xattr.{key}", value))
-    header = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
     if not records:
         return header
     data = b"".join(records)
-    ext = tarfile.TarInfo("pax-header")
-    ext.type = tarfile.XHDTYPE
-    ext.size = len(data)
-    ext.mode = 0o644
-    ext.uname = ext.gname = ""
-    return ext.tobuf(tarfile.USTAR_FORMAT) + data + bytes(-len(data) % _BLOCK) + header
+    return _ustar(b"pax-header", tarfile.XHDTYPE, size=len(data)) + data + bytes(-len(data) % _BLOCK) + header
 
 
 class _Counted:
