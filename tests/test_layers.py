@@ -139,6 +139,12 @@ def test_gdbus_passes_the_fd(client, layers, bus, tmp_path):
     (t / "merge/n").write_text("n")
     gdbus = ["gdbus", "call", f"--address={bus.address}", "--dest", constants.BUS_NAME,
              "--object-path", constants.MANAGER_PATH, "--method"]
+    with open(tmp_path / "layer.tar.gz", "wb") as f:  # the README's example
+        out = subprocess.run(gdbus + [f"{constants.MANAGER_INTERFACE}.ExportDiff", path, "3",
+                                      "{'compression': <'gzip'>}"],
+                             capture_output=True, text=True, pass_fds=(3,), preexec_fn=lambda: os.dup2(f.fileno(), 3))
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "layer.tar.gz").read_bytes()[:2] == b"\x1f\x8b"
     with open(tmp_path / "layer.tar", "wb") as f:
         out = subprocess.run(gdbus + [f"{constants.MANAGER_INTERFACE}.ExportDiff", path, "3", "{}"],
                              capture_output=True, text=True, pass_fds=(3,),
