@@ -300,3 +300,75 @@ def test_docker_style_layers_are_accepted(client, layers, tmp_path):
     assert os.readlink(d / "bin") == "usr/bin"
     assert os.lstat(d / "null").st_rdev == os.makedev(1, 3)
     assert sorted(os.listdir(d)) == ["bin", "etc", "null", "usr"]
+
+
+# ---- what the random test does not reach ----------------------------------------------
+
+
+def test_layer_edge_cases_round_trip(tmp_path):
+    """Names that are not UTF-8 or longer than ustar holds, ids and times beyond its fields,
+    devices, FIFOs, sockets and the xattr form of whiteouts (D2), in-process."""
+    from socket import AF_UNIX, socket
+
+    from views import view
+
+    from uniond import layers
+
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    odd = os.fsencode(str(upper)) + b"/caf\xe9-not-utf8"
+    with open(odd, "wb") as f:
+        f.write(b"latin-1 name")
+    os.symlink("t" * 200, upper / "long-target")
+    (upper / "big-ids").write_text("x")
+    os.chown(upper / "big-ids", 3_000_000, 4_000_000)
+    (upper / "old").write_text("x")
+    os.utime(upper / "old", ns=(-1_500_000_000, -1_500_000_000))
+    (upper / "whole-second").write_text("x")
+    os.utime(upper / "whole-second", ns=(1_000_000_000, 1_000_000_000))
+    os.mkfifo(upper / "fifo")
+    os.mknod(upper / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    sock = socket(AF_UNIX)
+    sock.bind(str(upper / "sock"))
+    (upper / "xwh").touch()
+    os.setxattr(upper / "xwh", "trusted.overlay.whiteout", b"")
+    (upper / "dir").mkdir()
+    os.setxattr(upper / "dir", "trusted.overlay.opaque", b"y")
+    os.setxattr(upper / "dir", "user.kept", b"k")
+    os.setxattr(upper / "big-ids", "trusted.overlay.origin", b"never exported")  # D6
+
+    with open(tmp_path / "layer.tar", "wb") as f:
+        layers.export_diff(str(upper), f.fileno())
+    sock.close()
+    gnu = subprocess.run(["tar", "-tvf", str(tmp_path / "layer.tar")], capture_output=True)
+    assert gnu.returncode == 0 and gnu.stderr == b"", gnu.stderr
+    with tarfile.open(tmp_path / "layer.tar", errorlevel=2) as tf:
+        names = tf.getnames()
+        assert tf.getmember("big-ids").uid == 3_000_000 and tf.getmember("big-ids").gid == 4_000_000
+        assert not any("trusted" in k for m in tf for k in m.pax_headers)
+    assert "sock" not in names and ".wh.xwh" in names and "dir/.wh..wh..opq" in names
+
+    results = {}
+    for how in ("imported", "committed"):
+        dest = tmp_path / how
+        dest.mkdir()
+        if how == "imported":
+            with open(tmp_path / "layer.tar", "rb") as f:
+                layers.import_layer(f.fileno(), str(dest), devices=True)
+        else:
+            layers.commit(str(upper), str(dest))
+        assert stat.S_ISCHR(os.lstat(dest / "xwh").st_mode) and os.lstat(dest / "xwh").st_rdev == 0
+        assert os.getxattr(dest / "dir", "trusted.overlay.opaque") == b"y"
+        assert os.listxattr(dest / "big-ids") == []
+        assert not (dest / "sock").exists()
+        results[how] = view(dest)
+        entries = results[how][0]
+        assert entries["/old"].mtime_ns == -1_500_000_000
+        assert entries["/whole-second"].mtime_ns == 1_000_000_000
+        assert entries["/long-target"].content == "t" * 200
+        assert entries["/null"].content == f"{stat.S_IFCHR}:{os.makedev(1, 3)}"
+        assert os.fsdecode(b"/caf\xe9-not-utf8") in entries
+        assert entries["/dir"].xattrs == (("user.kept", b"k"),)
+    whiteout = f"{stat.S_IFCHR}:0"  # made at unpacking time: their mtimes differ
+    same = [{p: e for p, e in r[0].items() if e.content != whiteout} for r in results.values()]
+    assert same[0] == same[1]
