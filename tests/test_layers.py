@@ -190,17 +190,55 @@ def test_errors(client, layers, tmp_path):
     assert client.list() == [path]
 
 
-def test_commit_freezes_writers_and_thaws(client, layers, tmp_path):
+def test_commit_freezes_writers_or_copies_and_verifies(client, layers, tmp_path, daemon):
     t = layers
     path = client.mount([t / "image1"], t / "upper", t / "merge")
+    (t / "merge/f").write_text("one")
     (tmp_path / "c1").mkdir()
+    (tmp_path / "c2").mkdir()
+    assert commit(client, path, tmp_path / "c1") == 1  # frozen for the copy, then thawed
+    (t / "merge/after").write_text("the mount is writable again")
     with open(t / "merge/open-for-writing", "w") as f:
         f.write("x")
-        with pytest.raises(CallError) as e:
-            commit(client, path, tmp_path / "c1")
-        assert e.value.name == f"{E}.Busy" and "open for writing" in e.value.text
-    assert commit(client, path, tmp_path / "c1") == 1
-    (t / "merge/after").write_text("the mount is writable again")
+        f.flush()
+        # A file open for writing: the mount cannot be frozen, so Commit copies and verifies.
+        assert commit(client, path, tmp_path / "c2") == 3
+        f.write("still writable")
+    assert (tmp_path / "c2/open-for-writing").read_text() == "x"
+    assert sorted(os.listdir(tmp_path / "c2")) == ["after", "f", "open-for-writing"]
+
+
+def test_commit_under_constant_writes_is_consistent_or_busy(client, layers, tmp_path):
+    t = layers
+    path = client.mount([t / "image1"], t / "upper", t / "merge")
+    for i in range(200):
+        (t / f"merge/f{i}").write_bytes(b"x" * 4096)
+    stop = threading.Event()
+
+    def writer():
+        with open(t / "merge/log", "a") as f:
+            n = 0
+            while not stop.is_set():
+                f.write(f"{n}\n")
+                f.flush()
+                n += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        (tmp_path / "c").mkdir()
+        try:
+            entries = commit(client, path, tmp_path / "c")
+        except CallError as e:
+            assert e.name == f"{E}.Busy" and "kept changing" in e.text
+            assert os.listdir(tmp_path / "c") == [], "a refused Commit leaves destdir empty"
+        else:
+            assert entries == len(os.listdir(tmp_path / "c"))
+            lines = (tmp_path / "c/log").read_text().splitlines()
+            assert lines == [str(i) for i in range(len(lines))], "the copy is one state of the file"
+    finally:
+        stop.set()
+        thread.join()
 
 
 # ---- hostile archives ---------------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import gzip
+import hashlib
 import logging
 import os
 import select
@@ -548,18 +549,45 @@ def import_layer(fd: int, destdir: str, devices: bool = False) -> ImportResult:
 # ---- Commit ---------------------------------------------------------------------------
 
 
-def commit(upperdir: str, destdir: str) -> ImportResult:
+@dataclass(frozen=True)
+class CommitResult:
+    entries: int
+    fingerprint: bytes  # of the upper as the copy saw it; see fingerprint()
+
+
+def _stamp(digest, e: layerfs.UpperEntry) -> None:
+    st = e.st
+    digest.update(b"%s\0%d %d %d %d %d %d %d %d\n" % (
+        e.rel.encode("utf-8", "surrogateescape"), st.st_ino, st.st_mode, st.st_uid, st.st_gid,
+        st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink))
+
+
+def fingerprint(upperdir: str) -> bytes:
+    """A digest of every entry's name, inode and times: any write, xattr change, rename
+    or new entry changes an entry's ctime or the set of names (multigrain ctime makes a
+    change right after a stat visible), so two equal fingerprints taken around a copy
+    prove that the copy is one state of the upper."""
+    digest = hashlib.sha256()
+    for e in layerfs.walk_upper(upperdir) if upperdir else ():
+        _stamp(digest, e)
+    return digest.digest()
+
+
+def commit(upperdir: str, destdir: str) -> CommitResult:
     """Copy an upper into the empty ``destdir`` as a native layer.
 
     Whiteouts become 0/0 devices whatever form they had (D2), opaque directories keep
-    ``trusted.overlay.opaque=y``, every other overlay xattr is dropped (D6). The caller
-    keeps the upper still while this runs.
+    ``trusted.overlay.opaque=y``, every other overlay xattr is dropped (D6). Either the
+    caller holds the upper still, or it compares the result's fingerprint with a
+    fingerprint() taken after.
     """
     layerfs.check_destdir_empty(destdir)
     builder = Builder(destdir)
     first_names: dict[tuple[int, int], str] = {}
+    digest = hashlib.sha256()
     try:
         for e in layerfs.walk_upper(upperdir) if upperdir else ():
+            _stamp(digest, e)
             st = e.st
             mode = st.st_mode
             if e.whiteout:
@@ -593,7 +621,7 @@ def commit(upperdir: str, destdir: str) -> ImportResult:
         layerfs.empty_directory(destdir)
         raise
     builder.close()
-    return ImportResult(entries)
+    return CommitResult(entries, digest.digest())
 
 
 def _copy_file(path: str, out: int) -> None:

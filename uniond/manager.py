@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from uniond import diff, engine, holders, layers, mountinfo, options, paths
+from uniond import diff, engine, holders, layerfs, layers, mountinfo, options, paths
 from uniond.errors import AlreadyMounted, Busy, Failed, InvalidArgument, NotFound, NotPermitted
 from uniond.records import MountRecord, MountSpec
 from uniond.state import StateStore, boot_id
@@ -109,7 +109,7 @@ class MountManager:
     def _filling(self, destdir: str) -> Iterator[str]:
         """Checks ``destdir`` and claims it, so that two calls never fill it at once."""
         dest = paths.existing_dir("destdir", destdir)
-        for record in self.records.values():
+        for record in list(self.records.values()):  # a copy: the event loop may change the dict
             spec = record.spec
             named = {"mountpoint": spec.mountpoint, "upperdir": spec.upperdir, "workdir": spec.workdir}
             named.update({f"lowerdirs[{i}]": p for i, p in enumerate(spec.lowerdirs)})
@@ -145,39 +145,63 @@ class MountManager:
         log.info("imported a layer of %d entries into %s", result.entries, dest)
         return result
 
-    def commit(self, mount_id: str, destdir: str, opts: dict[str, Any], caller: int) -> layers.ImportResult:
+    COMMIT_ATTEMPTS = 3
+
+    def commit(self, mount_id: str, destdir: str, opts: dict[str, Any], caller: int) -> layers.CommitResult:
         opts = options.check("Commit", opts, options.COMMIT_OPTIONS)
         self._only_root(caller, "commit a mount")
         with self._using(mount_id) as record, self._filling(destdir) as dest:
             spec = record.spec
-            frozen = bool(spec.upperdir) and not spec.readonly
-            if frozen:
-                self._freeze(record)
-            try:
-                result = layers.commit(spec.upperdir, dest)
-            finally:
-                if frozen:
-                    try:
-                        engine.set_readonly(spec.mountpoint, False)
-                    except OSError as e:
-                        log.error("mount %s: could not make it writable again after Commit: %s", mount_id, e)
+            if not spec.upperdir or spec.readonly or self._freeze(record):
+                try:
+                    result = layers.commit(spec.upperdir, dest)
+                finally:
+                    if spec.upperdir and not spec.readonly:
+                        self._thaw(record)
+            else:
+                result = self._commit_and_verify(record, dest)
         log.info("mount %s: committed %d entries into %s", mount_id, result.entries, dest)
         return result
 
+    def _commit_and_verify(self, record: MountRecord, dest: str) -> layers.CommitResult:
+        """With files open for writing the mount cannot be frozen: copy, then prove
+        that nothing changed meanwhile, and copy again if something did."""
+        upper = record.spec.upperdir
+        for attempt in range(1, self.COMMIT_ATTEMPTS + 1):
+            try:
+                result = layers.commit(upper, dest)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # an entry went away during the copy; destdir was emptied
+            if layers.fingerprint(upper) == result.fingerprint:
+                return result
+            log.info("mount %s: upper changed during Commit (attempt %d); copying again", record.id, attempt)
+            layerfs.empty_directory(dest)
+        users = ", ".join(str(h) for h in holders.find(record.spec.mountpoint)) or "no process found"
+        raise Busy(
+            f"mount {record.id} kept changing during {self.COMMIT_ATTEMPTS} copies, so no consistent layer "
+            f"could be taken; files are open for writing by: {users}"
+        )
+
     @staticmethod
-    def _freeze(record: MountRecord) -> None:
-        """Writers are held off for the copy, so the layer is one moment of the upper."""
-        mountpoint = record.spec.mountpoint
+    def _freeze(record: MountRecord) -> bool:
+        """Writers are held off for the copy, so the layer is one moment of the upper.
+
+        False if the kernel refuses because files are open for writing.
+        """
         try:
-            engine.set_readonly(mountpoint, True)
+            engine.set_readonly(record.spec.mountpoint, True)
         except OSError as e:
             if e.errno == errno.EBUSY:
-                users = ", ".join(str(h) for h in holders.find(mountpoint)) or "no process found"
-                raise Busy(
-                    f"mount {record.id} has files open for writing, so its upper cannot be held still "
-                    f"for Commit; used by: {users}"
-                ) from None
+                return False
             raise Failed(f"could not freeze mount {record.id} for Commit: {e.strerror or e}") from e
+        return True
+
+    @staticmethod
+    def _thaw(record: MountRecord) -> None:
+        try:
+            engine.set_readonly(record.spec.mountpoint, False)
+        except OSError as e:
+            log.error("mount %s: could not make it writable again after Commit: %s", record.id, e)
 
     # ---- start-up --------------------------------------------------------------
 
