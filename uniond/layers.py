@@ -16,6 +16,7 @@ would make a stacked layer show hard links the mount did not show.
 from __future__ import annotations
 
 import errno
+import functools
 import gzip
 import hashlib
 import logging
@@ -171,21 +172,21 @@ _USTAR = struct.Struct("100s8s8s8s12s12s8s1s100s6s2s32s32s8s8s155s12s")
 _BLANK_CHKSUM = b" " * 8
 
 
-def _octal(value: int, width: int) -> bytes:
-    return b"%0*o\0" % (width - 1, value)
-
-
 def _ustar(name: bytes, kind: bytes, mode: int = 0o644, uid: int = 0, gid: int = 0, size: int = 0,
            mtime: int = 0, linkname: bytes = b"", devmajor: int = 0, devminor: int = 0) -> bytes:
     """A POSIX ustar header, as tarfile writes it, at a fraction of TarInfo.tobuf's cost
     (which was two thirds of an export of small files). Every field must fit: the
     caller moved what does not into PAX records."""
-    fields = [name, _octal(mode, 8), _octal(uid, 8), _octal(gid, 8), _octal(size, 12), _octal(mtime, 12),
-              _BLANK_CHKSUM, kind, linkname, b"ustar\0", b"00", b"", b"",
-              _octal(devmajor, 8), _octal(devminor, 8), b"", b""]
-    checksum = sum(b"".join(fields))  # the zero padding adds nothing
-    fields[6] = b"%06o\0 " % checksum
+    fields = [name, b"%07o\0" % mode, b"%07o\0" % uid, b"%07o\0" % gid, b"%011o\0" % size,
+              b"%011o\0" % mtime, _BLANK_CHKSUM, kind, linkname, b"ustar\0", b"00", b"", b"",
+              b"%07o\0" % devmajor, b"%07o\0" % devminor, b"", b""]
+    fields[6] = b"%06o\0 " % sum(b"".join(fields))  # the zero padding adds nothing to the sum
     return _USTAR.pack(*fields)
+
+
+@functools.lru_cache(maxsize=4096)
+def _pax_ext_header(length: int) -> bytes:
+    return _ustar(b"pax-header", tarfile.XHDTYPE, size=length)
 
 
 def _header(name: str, kind: bytes, st: os.stat_result | None, xattrs: tuple[tuple[str, bytes], ...] = (),
@@ -229,7 +230,7 @@ def _header(name: str, kind: bytes, st: os.stat_result | None, xattrs: tuple[tup
     if not records:
         return header
     data = b"".join(records)
-    return _ustar(b"pax-header", tarfile.XHDTYPE, size=len(data)) + data + bytes(-len(data) % _BLOCK) + header
+    return _pax_ext_header(len(data)) + data + bytes(-len(data) % _BLOCK) + header
 
 
 class _Counted:
@@ -247,7 +248,7 @@ class _Counted:
 _SENDFILE_MIN = 1 << 16
 
 
-def _copy_into(out: _Counted, path: str, size: int) -> None:
+def _copy_into(out: _Counted, path: str, size: int, header: bytes) -> None:
     """File data, exactly ``size`` bytes: a file that shrank meanwhile is padded, one that
     grew is cut, as the header already promised ``size`` (GNU tar does the same).
 
@@ -256,8 +257,17 @@ def _copy_into(out: _Counted, path: str, size: int) -> None:
     """
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        left = size
-        if size >= _SENDFILE_MIN and isinstance(out.out, _Sink):
+        if size < _SENDFILE_MIN:
+            data = os.read(fd, size) if size else b""
+            if len(data) == size:  # the usual case, in one write: header, data, padding
+                out.write(header + data + bytes(-size % _BLOCK))
+                return
+            out.write(header + data)
+            left = size - len(data)
+        else:
+            out.write(header)
+            left = size
+        if left and size >= _SENDFILE_MIN and isinstance(out.out, _Sink):
             left -= out.out.sendfile(fd, size)
             out.length += size - left
         while left:
@@ -313,8 +323,7 @@ def export_diff(upperdir: str, fd: int, compression: str = "none") -> ExportResu
                 continue
             first_names[key] = e.rel
         if stat.S_ISREG(mode):
-            out.write(_header(e.rel, tarfile.REGTYPE, st, xattrs, size=st.st_size))
-            _copy_into(out, e.path, st.st_size)
+            _copy_into(out, e.path, st.st_size, _header(e.rel, tarfile.REGTYPE, st, xattrs, size=st.st_size))
         elif stat.S_ISLNK(mode):
             out.write(_header(e.rel, tarfile.SYMTYPE, st, xattrs, linkname=os.readlink(e.path)))
         elif stat.S_ISFIFO(mode):
