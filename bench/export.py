@@ -19,7 +19,7 @@ import tempfile
 
 from _util import best_of, make_tree, require_private_namespace
 
-from uniond import layers
+from uniond import layertar
 
 
 def tar(upper: str) -> None:
@@ -29,7 +29,7 @@ def tar(upper: str) -> None:
 def export(upper: str, compression: str = "none") -> None:
     cat = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
     assert cat.stdin is not None
-    layers.export_diff(upper, cat.stdin.fileno(), compression)
+    layertar.export_diff(upper, cat.stdin.fileno(), compression)
     cat.stdin.close()
     cat.wait()
 

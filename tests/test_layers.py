@@ -350,7 +350,7 @@ def test_layer_edge_cases_round_trip(tmp_path):
 
     from views import view
 
-    from uniond import layers
+    from uniond import layertar, snapshot
 
     upper = tmp_path / "upper"
     upper.mkdir()
@@ -376,7 +376,7 @@ def test_layer_edge_cases_round_trip(tmp_path):
     os.setxattr(upper / "big-ids", "trusted.overlay.origin", b"never exported")  # D6
 
     with open(tmp_path / "layer.tar", "wb") as f:
-        layers.export_diff(str(upper), f.fileno())
+        layertar.export_diff(str(upper), f.fileno())
     sock.close()
     gnu = subprocess.run(["tar", "-tvf", str(tmp_path / "layer.tar")], capture_output=True)
     assert gnu.returncode == 0 and gnu.stderr == b"", gnu.stderr
@@ -392,9 +392,9 @@ def test_layer_edge_cases_round_trip(tmp_path):
         dest.mkdir()
         if how == "imported":
             with open(tmp_path / "layer.tar", "rb") as f:
-                layers.import_layer(f.fileno(), str(dest), devices=True)
+                layertar.import_layer(f.fileno(), str(dest), devices=True)
         else:
-            layers.commit(str(upper), str(dest))
+            snapshot.commit(str(upper), str(dest))
         assert stat.S_ISCHR(os.lstat(dest / "xwh").st_mode) and os.lstat(dest / "xwh").st_rdev == 0
         assert os.getxattr(dest / "dir", "trusted.overlay.opaque") == b"y"
         assert os.listxattr(dest / "big-ids") == []

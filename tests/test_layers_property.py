@@ -31,7 +31,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from views import view, walk
 
-from uniond import diff, engine, layers
+from uniond import diff, engine, layertar, snapshot
 from uniond.records import MountSpec
 
 LEVELS = (("a", "b", "c", "d", "e"), ("x", "y", "z"), ("p", "q"))
@@ -271,16 +271,16 @@ def test_diff_export_import_and_commit_are_exact(lower_trees, ops):
         # (2) ImportLayer(ExportDiff), stacked on the same lowers.
         tar = os.path.join(base, "layer.tar")
         with open(tar, "wb") as f:
-            written = layers.export_diff(d["upper"], f.fileno()).bytes
+            written = layertar.export_diff(d["upper"], f.fileno()).bytes
         assert written == os.path.getsize(tar)
         _tar_reads_cleanly(tar)
         with open(tar, "rb") as f:
-            layers.import_layer(f.fileno(), d["imported"])
+            layertar.import_layer(f.fileno(), d["imported"])
         mount(MountSpec((d["imported"], *lowers), "", "", d["view-imported"], readonly=True))
         assert view(d["view-imported"]) == merged_view
 
         # (3) Commit, stacked the same way.
-        layers.commit(d["upper"], d["committed"])
+        snapshot.commit(d["upper"], d["committed"])
         mount(MountSpec((d["committed"], *lowers), "", "", d["view-committed"], readonly=True))
         assert view(d["view-committed"]) == merged_view
     finally:

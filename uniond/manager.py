@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from uniond import diff, engine, holders, layerfs, layers, mountinfo, options, paths
+from uniond import diff, engine, holders, layerfs, layertar, mountinfo, options, paths, snapshot
 from uniond.errors import AlreadyMounted, Busy, Failed, InvalidArgument, NotFound, NotPermitted
 from uniond.records import MountRecord, MountSpec
 from uniond.state import StateStore, boot_id
@@ -129,32 +129,32 @@ class MountManager:
             with self._lock:
                 self._destdirs.discard(dest)
 
-    def export_diff(self, mount_id: str, fd: int, opts: dict[str, Any], caller: int) -> layers.ExportResult:
+    def export_diff(self, mount_id: str, fd: int, opts: dict[str, Any], caller: int) -> layertar.ExportResult:
         opts = options.check("ExportDiff", opts, options.EXPORT_OPTIONS)
         self._only_root(caller, "export a mount's changes")
         with self._using(mount_id) as record:
-            result = layers.export_diff(record.spec.upperdir, fd, opts.get("compression", "none"))
+            result = layertar.export_diff(record.spec.upperdir, fd, opts.get("compression", "none"))
         log.info("mount %s: exported %d entries, %d bytes", mount_id, result.entries, result.bytes)
         return result
 
-    def import_layer(self, fd: int, destdir: str, opts: dict[str, Any], caller: int) -> layers.ImportResult:
+    def import_layer(self, fd: int, destdir: str, opts: dict[str, Any], caller: int) -> layertar.ImportResult:
         opts = options.check("ImportLayer", opts, options.IMPORT_OPTIONS)
         self._only_root(caller, "import a layer")
         with self._filling(destdir) as dest:
-            result = layers.import_layer(fd, dest, devices=opts.get("devices", False))
+            result = layertar.import_layer(fd, dest, devices=opts.get("devices", False))
         log.info("imported a layer of %d entries into %s", result.entries, dest)
         return result
 
     COMMIT_ATTEMPTS = 3
 
-    def commit(self, mount_id: str, destdir: str, opts: dict[str, Any], caller: int) -> layers.CommitResult:
+    def commit(self, mount_id: str, destdir: str, opts: dict[str, Any], caller: int) -> snapshot.CommitResult:
         opts = options.check("Commit", opts, options.COMMIT_OPTIONS)
         self._only_root(caller, "commit a mount")
         with self._using(mount_id) as record, self._filling(destdir) as dest:
             spec = record.spec
             if not spec.upperdir or spec.readonly or self._freeze(record):
                 try:
-                    result = layers.commit(spec.upperdir, dest)
+                    result = snapshot.commit(spec.upperdir, dest)
                 finally:
                     if spec.upperdir and not spec.readonly:
                         self._thaw(record)
@@ -163,16 +163,16 @@ class MountManager:
         log.info("mount %s: committed %d entries into %s", mount_id, result.entries, dest)
         return result
 
-    def _commit_and_verify(self, record: MountRecord, dest: str) -> layers.CommitResult:
+    def _commit_and_verify(self, record: MountRecord, dest: str) -> snapshot.CommitResult:
         """With files open for writing the mount cannot be frozen: copy, then prove
         that nothing changed meanwhile, and copy again if something did."""
         upper = record.spec.upperdir
         for attempt in range(1, self.COMMIT_ATTEMPTS + 1):
             try:
-                result = layers.commit(upper, dest)
+                result = snapshot.commit(upper, dest)
             except (FileNotFoundError, NotADirectoryError):
                 continue  # an entry went away during the copy; destdir was emptied
-            if layers.fingerprint(upper) == result.fingerprint:
+            if snapshot.fingerprint(upper) == result.fingerprint:
                 return result
             log.info("mount %s: upper changed during Commit (attempt %d); copying again", record.id, attempt)
             layerfs.empty_directory(dest)

@@ -1,12 +1,11 @@
-"""Layers: a mount's upper as an OCI / Docker image layer, and back.
+"""Layer tars: a mount's upper as an OCI / Docker image layer, and back.
 
-ExportDiff writes the upper as a PAX tar with AUFS-style whiteouts (E1, E2), streamed
-straight to the caller's file descriptor. ImportLayer reads such a tar (plain or
+export_diff writes the upper as a PAX tar with AUFS-style whiteouts (E1, E2), streamed
+straight to the caller's file descriptor. import_layer reads such a tar (plain or
 compressed) into an empty directory in overlay's native form (E3), so that the
-directory can be a lowerdir. Commit copies an upper into an empty directory in the
-same native form, without a tar in between. Nothing here holds a whole layer in
-memory: file data moves in bounded chunks, and only names (for duplicates and hard
-links) and directory mtimes are remembered.
+directory can be a lowerdir. Neither holds a whole layer in memory: file data moves in
+bounded chunks, and only names (for duplicates and hard links) and directory mtimes
+are remembered.
 
 The layer holds every entry of the upper, including copies-up that Diff does not
 report (D5): a copied-up file no longer shares the lower's inode, so leaving it out
@@ -18,18 +17,17 @@ from __future__ import annotations
 import errno
 import functools
 import gzip
-import hashlib
 import logging
 import os
-import select
 import stat
 import struct
 import tarfile
 from dataclasses import dataclass
 
 from uniond import layerfs
-from uniond.errors import Failed, InvalidArgument
+from uniond.errors import InvalidArgument
 from uniond.layerfs import Builder, Meta
+from uniond.layerio import CHUNK, Sink, Source, check_fd
 
 log = logging.getLogger(__name__)
 
@@ -39,110 +37,7 @@ OPAQUE_MARKER = ".wh..wh..opq"
 AUFS_META_PREFIX = ".wh..wh."  # AUFS bookkeeping (.wh..wh.plnk, ...): not content
 _BLOCK = tarfile.BLOCKSIZE
 _RECORD = tarfile.RECORDSIZE
-_CHUNK = 1 << 20
 _MAX_HEADER = 1 << 20  # a PAX or GNU long-name header larger than this is hostile
-
-
-# ---- the caller's file descriptor ---------------------------------------------------
-
-
-def _wait(fd: int, events: int) -> None:
-    """A caller may hand over a non-blocking pipe; wait instead of failing."""
-    poller = select.poll()
-    poller.register(fd, events)
-    poller.poll()
-
-
-def check_fd(fd: int, writing: bool) -> None:
-    import fcntl
-
-    try:
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        st = os.fstat(fd)
-    except OSError:
-        raise InvalidArgument("fd: not an open file descriptor") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise InvalidArgument("fd: is a directory; pass a file or a pipe")
-    mode = flags & os.O_ACCMODE
-    if writing and mode == os.O_RDONLY:
-        raise InvalidArgument("fd: open for reading only; ExportDiff writes the layer to it")
-    if not writing and mode == os.O_WRONLY:
-        raise InvalidArgument("fd: open for writing only; ImportLayer reads the layer from it")
-
-
-class _Sink:
-    """Writes to the caller's fd in large pieces and counts what it wrote."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.written = 0
-        self._buf = bytearray()
-
-    def write(self, data: bytes | bytearray | memoryview) -> int:
-        self._buf += data
-        if len(self._buf) >= _CHUNK:
-            self._drain()
-        return len(data)
-
-    def _drain(self) -> None:
-        view = memoryview(self._buf)
-        try:
-            while view:
-                try:
-                    n = os.write(self.fd, view)
-                except BlockingIOError:
-                    _wait(self.fd, select.POLLOUT)
-                    continue
-                except BrokenPipeError:
-                    raise Failed("the reader of the layer closed its end before the end") from None
-                self.written += n
-                view = view[n:]
-        finally:
-            view.release()
-        self._buf.clear()
-
-    def flush(self) -> None:
-        self._drain()
-
-    def sendfile(self, src: int, count: int) -> int:
-        """Copy up to ``count`` bytes of ``src`` straight to the fd; returns how many."""
-        self._drain()
-        done = 0
-        while done < count:
-            try:
-                n = os.sendfile(self.fd, src, None, count - done)
-            except BlockingIOError:
-                _wait(self.fd, select.POLLOUT)
-                continue
-            except BrokenPipeError:
-                raise Failed("the reader of the layer closed its end before the end") from None
-            except OSError as e:
-                if e.errno in (errno.EINVAL, errno.ENOSYS) and not done:
-                    return 0  # an fd sendfile cannot write to: the caller copies instead
-                raise
-            if n == 0:
-                break
-            done += n
-            self.written += n
-        return done
-
-
-class _Source:
-    """Reads the caller's fd for tarfile, waiting on a non-blocking one."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def read(self, size: int = -1) -> bytes:
-        size = _CHUNK if size is None or size < 0 else size
-        while True:
-            try:
-                return os.read(self.fd, size)
-            except BlockingIOError:
-                _wait(self.fd, select.POLLIN)
-
-
-# ---- ExportDiff -----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -236,7 +131,7 @@ def _header(name: str, kind: bytes, st: os.stat_result | None, xattrs: tuple[tup
 class _Counted:
     """The uncompressed tar stream's length, for padding its end to a whole record."""
 
-    def __init__(self, out: _Sink | gzip.GzipFile) -> None:
+    def __init__(self, out: Sink | gzip.GzipFile) -> None:
         self.out = out
         self.length = 0
 
@@ -267,14 +162,14 @@ def _copy_into(out: _Counted, path: str, size: int, header: bytes) -> None:
         else:
             out.write(header)
             left = size
-        if left and size >= _SENDFILE_MIN and isinstance(out.out, _Sink):
+        if left and size >= _SENDFILE_MIN and isinstance(out.out, Sink):
             left -= out.out.sendfile(fd, size)
             out.length += size - left
         while left:
-            data = os.read(fd, min(left, _CHUNK))
+            data = os.read(fd, min(left, CHUNK))
             if not data:
                 log.warning("export: %s shrank while it was read; padded with zeros", path)
-                data = bytes(min(left, _CHUNK))
+                data = bytes(min(left, CHUNK))
             out.write(data)
             left -= len(data)
     finally:
@@ -288,7 +183,7 @@ def export_diff(upperdir: str, fd: int, compression: str = "none") -> ExportResu
     if compression not in COMPRESSIONS:
         raise InvalidArgument(f"compression: {compression!r} is not one of {', '.join(COMPRESSIONS)}")
     check_fd(fd, writing=True)
-    sink = _Sink(fd)
+    sink = Sink(fd)
     zipped = None
     if compression == "gzip":
         zipped = gzip.GzipFile(filename="", mode="wb", fileobj=sink, compresslevel=6, mtime=0)
@@ -342,9 +237,6 @@ def export_diff(upperdir: str, fd: int, compression: str = "none") -> ExportResu
         zipped.close()  # writes the gzip trailer into the sink
     sink.flush()
     return ExportResult(sink.written, entries)
-
-
-# ---- ImportLayer ----------------------------------------------------------------------
 
 
 class _Header(tarfile.TarInfo):
@@ -488,7 +380,7 @@ class _Importer:
             try:
                 src = tf.extractfile(member)
                 assert src is not None
-                while chunk := src.read(_CHUNK):
+                while chunk := src.read(CHUNK):
                     view = memoryview(chunk)
                     while view:
                         view = view[os.write(fd, view):]
@@ -531,7 +423,7 @@ def import_layer(fd: int, destdir: str, devices: bool = False) -> ImportResult:
     importer = _Importer(destdir, devices)
     try:
         try:
-            tf = tarfile.open(fileobj=_Source(fd), mode="r|*", tarinfo=_Header, errorlevel=2)
+            tf = tarfile.open(fileobj=Source(fd), mode="r|*", tarinfo=_Header, errorlevel=2)
             with tf:
                 while (member := tf.next()) is not None:
                     importer.add(tf, member)
@@ -553,99 +445,3 @@ def import_layer(fd: int, destdir: str, devices: bool = False) -> ImportResult:
         raise
     importer.builder.close()
     return ImportResult(entries)
-
-
-# ---- Commit ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CommitResult:
-    entries: int
-    fingerprint: bytes  # of the upper as the copy saw it; see fingerprint()
-
-
-def _stamp(digest, e: layerfs.UpperEntry) -> None:
-    st = e.st
-    digest.update(b"%s\0%d %d %d %d %d %d %d %d\n" % (
-        e.rel.encode("utf-8", "surrogateescape"), st.st_ino, st.st_mode, st.st_uid, st.st_gid,
-        st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink))
-
-
-def fingerprint(upperdir: str) -> bytes:
-    """A digest of every entry's name, inode and times: any write, xattr change, rename
-    or new entry changes an entry's ctime or the set of names (multigrain ctime makes a
-    change right after a stat visible), so two equal fingerprints taken around a copy
-    prove that the copy is one state of the upper."""
-    digest = hashlib.sha256()
-    for e in layerfs.walk_upper(upperdir) if upperdir else ():
-        _stamp(digest, e)
-    return digest.digest()
-
-
-def commit(upperdir: str, destdir: str) -> CommitResult:
-    """Copy an upper into the empty ``destdir`` as a native layer.
-
-    Whiteouts become 0/0 devices whatever form they had (D2), opaque directories keep
-    ``trusted.overlay.opaque=y``, every other overlay xattr is dropped (D6). Either the
-    caller holds the upper still, or it compares the result's fingerprint with a
-    fingerprint() taken after.
-    """
-    layerfs.check_destdir_empty(destdir)
-    builder = Builder(destdir)
-    first_names: dict[tuple[int, int], str] = {}
-    digest = hashlib.sha256()
-    try:
-        for e in layerfs.walk_upper(upperdir) if upperdir else ():
-            _stamp(digest, e)
-            st = e.st
-            mode = st.st_mode
-            if e.whiteout:
-                builder.whiteout(e.rel)
-                continue
-            meta = Meta.of(st, layerfs.read_xattrs(e.path))
-            if stat.S_ISDIR(mode):
-                builder.directory(e.rel, meta, opaque=e.opaque)
-                continue
-            if st.st_nlink > 1:
-                key = (st.st_dev, st.st_ino)
-                if key in first_names:
-                    builder.hardlink(e.rel, first_names[key])
-                    continue
-                first_names[key] = e.rel
-            if stat.S_ISREG(mode):
-                out = builder.regular(e.rel, meta)
-                try:
-                    _copy_file(e.path, out)
-                except BaseException:
-                    os.close(out)
-                    raise
-                builder.finish_regular(out, meta)
-            elif stat.S_ISLNK(mode):
-                builder.symlink(e.rel, os.readlink(e.path), meta)
-            else:
-                builder.node(e.rel, stat.S_IFMT(mode), st.st_rdev, meta)
-        entries = builder.finish()
-    except BaseException:
-        builder.close()
-        layerfs.empty_directory(destdir)
-        raise
-    builder.close()
-    return CommitResult(entries, digest.digest())
-
-
-def _copy_file(path: str, out: int) -> None:
-    src = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        while True:
-            try:
-                n = os.copy_file_range(src, out, 1 << 30)
-            except OSError as e:
-                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                    raise
-                while data := os.read(src, _CHUNK):
-                    os.write(out, data)
-                return
-            if n == 0:
-                return
-    finally:
-        os.close(src)
