@@ -190,6 +190,25 @@ def test_errors(client, layers, tmp_path):
     assert client.list() == [path]
 
 
+def test_no_descriptor_leaks_in_the_daemon(client, layers, daemon, tmp_path):
+    t = layers
+    path = client.mount([t / "image1"], t / "upper", t / "merge")
+    export(client, path, tmp_path / "warm.tar")
+    before = len(os.listdir(f"/proc/{daemon.pid}/fd"))
+    with open(t / "image1/a", "rb") as f, open(tmp_path / "x.tar", "wb") as out:
+        for _ in range(20):
+            # Descriptors attached to calls that take none, extra ones, and failing calls.
+            client.call_raw(constants.BUS_NAME, constants.MANAGER_PATH, constants.MANAGER_INTERFACE,
+                            "ListMounts", unix_fds=[f.fileno(), f.fileno()])
+            client.call_raw(constants.BUS_NAME, constants.MANAGER_PATH, constants.MANAGER_INTERFACE,
+                            "ExportDiff", "oha{sv}", [path, 1, {}], unix_fds=[f.fileno(), out.fileno()])
+            with pytest.raises(CallError):
+                call_with_fd(client, "ExportDiff", "oha{sv}", [path, 0, {"bogus": Variant("b", True)}], out.fileno())
+            with pytest.raises(CallError):
+                call_with_fd(client, "ImportLayer", "hsa{sv}", [0, "relative", {}], f.fileno())
+    assert len(os.listdir(f"/proc/{daemon.pid}/fd")) == before
+
+
 def test_commit_freezes_writers_or_copies_and_verifies(client, layers, tmp_path, daemon):
     t = layers
     path = client.mount([t / "image1"], t / "upper", t / "merge")

@@ -51,6 +51,35 @@ def _wrap(value: Any) -> Variant:
     return Variant("s", str(value))
 
 
+# Where each method taking a descriptor has it: (member, signature) -> argument position.
+_FD_ARGUMENTS = {("ExportDiff", "oha{sv}"): 1, ("ImportLayer", "hsa{sv}"): 0}
+
+
+def _close_unclaimed_fds(msg: Message) -> None:
+    """dbus-next never closes the descriptors that come with a message, and any caller
+    may attach some to any call: keep only the one a layer method takes (and closes
+    itself), close the others now, so that no caller can exhaust the daemon's fds."""
+    if not msg.unix_fds:
+        return
+    keep = None
+    if (
+        msg.message_type == MessageType.METHOD_CALL
+        and msg.path == constants.MANAGER_PATH
+        and msg.interface in (None, constants.MANAGER_INTERFACE)
+    ):
+        position = _FD_ARGUMENTS.get((msg.member, msg.signature))
+        if position is not None and len(msg.body) > position:
+            index = msg.body[position]
+            if isinstance(index, int) and 0 <= index < len(msg.unix_fds):
+                keep = index
+    for index, fd in enumerate(msg.unix_fds):
+        if index != keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
 def _attached(fd: int | None) -> None:
     if fd is None:
         raise InvalidArgument("fd: the message carries no file descriptor for it")
@@ -304,6 +333,7 @@ class BusService:
             self.bus = _Bus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
         await self.bus.connect()
         asyncio.get_running_loop().set_exception_handler(_ignore_replied_errors)
+        self.bus.add_message_handler(_close_unclaimed_fds)
         self.bus.add_message_handler(self._remember_sender)
         self.bus.export(constants.MANAGER_PATH, self.interface)
         for record in self.manager.list():
