@@ -7,13 +7,14 @@ import io
 import os
 import stat
 import subprocess
+import sys
 import tarfile
 import threading
 import time
 
 import pytest
 from dbus_next import Message, Variant
-from harness import CallError
+from harness import ROOT, CallError
 from views import view
 
 from uniond import constants
@@ -429,3 +430,31 @@ def test_layer_edge_cases_round_trip(tmp_path):
     whiteout = f"{stat.S_IFCHR}:0"  # made at unpacking time: their mtimes differ
     same = [{p: e for p, e in r[0].items() if e.content != whiteout} for r in results.values()]
     assert same[0] == same[1]
+
+
+def test_layer_methods_are_roots_only(client, layers, bus, tmp_path):
+    t = layers
+    path = client.mount([t / "image1"], t / "upper", t / "merge")
+    dest = tmp_path / "open-dest"
+    dest.mkdir()
+    script = (
+        "import os, sys; sys.path.insert(0, sys.argv[2]); from harness import Client, CallError\n"
+        "c = Client(sys.argv[1])\n"
+        "r, w = os.pipe()\n"
+        "calls = [('ExportDiff', 'oha{sv}', [sys.argv[3], 0, {}], [w]),\n"
+        "         ('ImportLayer', 'hsa{sv}', [0, sys.argv[4], {}], [r]),\n"
+        "         ('Commit', 'osa{sv}', [sys.argv[3], sys.argv[4], {}], [])]\n"
+        "for member, sig, body, fds in calls:\n"
+        "    try: c.call_raw('org.uniond1', '/org/uniond1', 'org.uniond1.Manager', member, sig, body, fds)\n"
+        "    except CallError as e: print(e.name)\n"
+        "    else: print('ok')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *os.environ.get("PYTHONPATH", "").split(":")])}
+    out = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", script,
+         bus.address, str(ROOT / "tests"), path, str(dest)],
+        capture_output=True, text=True, env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [f"{E}.NotPermitted"] * 3
+    assert os.listdir(dest) == []
