@@ -187,7 +187,10 @@ def test_errors(client, layers, tmp_path):
         assert e.value.name == f"{E}.{name}", e.value
         assert needle in e.value.text and "Traceback" not in e.value.text
     assert os.listdir(tmp_path / "dest") == []
-    # No descriptor leaks in the daemon however a call ends.
+    (t / "merge/.wh.lookalike").touch()  # a name every layer reader would take for a whiteout
+    with pytest.raises(CallError) as e:
+        export(client, path, tmp_path / "x.tar")
+    assert e.value.name == f"{E}.InvalidArgument" and "'/.wh.lookalike'" in e.value.text
     assert client.list() == [path]
 
 

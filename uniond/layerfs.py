@@ -90,10 +90,16 @@ def walk_upper(upper: str) -> Iterator[UpperEntry]:
 
 
 def _walk(directory: str, prefix: str) -> Iterator[UpperEntry]:
-    with os.scandir(directory) as it:
-        entries = sorted(it, key=lambda e: e.name)
+    try:
+        with os.scandir(directory) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except FileNotFoundError:
+        return  # removed since its parent was listed: a live mount's upper
     for entry in entries:
-        st = entry.stat(follow_symlinks=False)
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue  # gone since the listing: a live mount's upper
         mode = st.st_mode
         rel = prefix + entry.name
         if stat.S_ISDIR(mode):

@@ -150,7 +150,17 @@ def _copy_into(out: _Counted, path: str, size: int, header: bytes) -> None:
     Into an uncompressed stream, large files go by sendfile(2): the kernel moves the
     pages, nothing passes through Python.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        # Deleted since the walk saw it (a live mount): its header is written, so zeros follow.
+        log.warning("export: %s vanished while the layer was written; its content is zeros", path)
+        out.write(header + bytes(size + (-size % _BLOCK)) if size < _SENDFILE_MIN else header)
+        for _ in range(size // CHUNK):
+            out.write(bytes(CHUNK))
+        if size >= _SENDFILE_MIN:
+            out.write(bytes(size % CHUNK + (-size % _BLOCK)))
+        return
     try:
         if size < _SENDFILE_MIN:
             data = os.read(fd, size) if size else b""
@@ -193,6 +203,11 @@ def export_diff(upperdir: str, fd: int, compression: str = "none") -> ExportResu
     for e in layerfs.walk_upper(upperdir) if upperdir else ():
         st = e.st
         head, _, base = e.rel.rpartition("/")
+        if base.startswith(WHITEOUT_PREFIX):
+            raise InvalidArgument(
+                f"the mount holds {'/' + e.rel!r}: a layer cannot carry a name starting with "
+                f"{WHITEOUT_PREFIX!r}, every reader would take it for a whiteout (E3); rename it"
+            )
         if e.whiteout:
             # E1: a deletion is an empty regular file named .wh.<name>.
             name = f"{head}/{WHITEOUT_PREFIX}{base}" if head else WHITEOUT_PREFIX + base
