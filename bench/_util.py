@@ -15,7 +15,11 @@ sys.path.insert(0, ROOT)
 def require_private_namespace() -> None:
     if os.geteuid() != 0:
         sys.exit("run as root inside `unshare -m` (see the top of this file)")
-    if os.readlink("/proc/self/ns/mnt") == os.readlink(f"/proc/{os.getppid()}/ns/mnt"):
+    try:
+        parent = os.readlink(f"/proc/{os.getppid()}/ns/mnt")
+    except OSError:
+        return  # the parent is gone or not ours to inspect: nothing to compare with
+    if os.readlink("/proc/self/ns/mnt") == parent:
         sys.exit("run inside a private mount namespace: unshare -m --propagation private ...")
 
 
