@@ -79,10 +79,9 @@ def layers(tmp_path):
     return tmp_path
 
 
-# The property tests (tests/test_layers_property.py): fixed examples by default, so a
-# run is repeatable; "explore" draws new ones (replay one with --hypothesis-seed=N).
-settings.register_profile("ci", derandomize=True, max_examples=1000, deadline=None, database=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+# `--hypothesis-profile=explore` makes tests/test_layers_property.py draw new examples
+# instead of its fixed ones (replay such a run with --hypothesis-seed=N). No profile is
+# loaded here: other tests keep their own settings.
 settings.register_profile("explore", max_examples=1000, deadline=None, database=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.load_profile("ci")
