@@ -461,3 +461,30 @@ def test_layer_methods_are_roots_only(client, layers, bus, tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [f"{E}.NotPermitted"] * 3
     assert os.listdir(dest) == []
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "pax", "ustar"])
+def test_layers_written_by_gnu_tar_import_exactly(tmp_path, fmt):
+    from views import view
+
+    from uniond import layertar
+
+    src = tmp_path / "src"
+    (src / "dir/sub").mkdir(parents=True)
+    (src / "dir/sub/f").write_bytes(os.urandom(5000))
+    (src / "dir/g").write_text("g")
+    os.link(src / "dir/g", src / "g-link")
+    os.symlink("dir/sub/f", src / "s")
+    os.chown(src / "dir/g", 1000, 1001)
+    os.chmod(src / "dir/sub", 0o750)
+    for path in (src / "dir/sub/f", src / "dir/sub", src / "dir"):
+        os.utime(path, (1_700_000_000, 1_700_000_000))  # whole seconds: every format keeps them
+    os.utime(src / "s", (1_700_000_000, 1_700_000_000), follow_symlinks=False)
+    os.utime(src / "dir/g", (1_700_000_000, 1_700_000_000))
+    layer = tmp_path / "layer.tar"
+    subprocess.run(["tar", f"--format={fmt}", "-cf", str(layer), "-C", str(src), "."], check=True)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with open(layer, "rb") as f:
+        layertar.import_layer(f.fileno(), str(dest))
+    assert view(dest) == view(src)
