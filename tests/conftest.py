@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from harness import Bus, Client, Daemon, NotifySocket, PolkitMock
+from hypothesis import HealthCheck, settings
 
 pytest_plugins = ["dbusmock.pytest_fixtures"]
 
@@ -104,3 +105,11 @@ def layers(tmp_path):
     for path in ("image1/a", "image1/b", "image2/c"):
         (tmp_path / path).write_text(path)
     return tmp_path
+
+
+
+# `--hypothesis-profile=explore` makes tests/test_layers_property.py draw new examples
+# instead of its fixed ones (replay such a run with --hypothesis-seed=N). No profile is
+# loaded here: other tests keep their own settings.
+settings.register_profile("explore", max_examples=1000, deadline=None, database=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

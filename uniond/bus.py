@@ -10,6 +10,7 @@ import asyncio
 import contextvars
 import functools
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -22,7 +23,7 @@ from dbus_next.service import ServiceInterface, dbus_property, method, signal
 
 from uniond import constants
 from uniond.caller import Caller
-from uniond.errors import Failed, NotFound, UniondError
+from uniond.errors import Failed, InvalidArgument, NotFound, UniondError
 from uniond.manager import MountManager, MountRequest
 from uniond.options import ForeignValue
 from uniond.polkit import Authority, PolkitAbsent, PolkitAnswer, PolkitFailed
@@ -55,6 +56,40 @@ def _wrap(value: Any) -> Variant:
     if isinstance(value, int):
         return Variant("t", value)
     return Variant("s", str(value))
+
+
+# Where each method taking a descriptor has it: (member, signature) -> argument position.
+_FD_ARGUMENTS = {("ExportDiff", "oha{sv}"): 1, ("ImportLayer", "hsa{sv}"): 0}
+
+
+def _close_unclaimed_fds(msg: Message) -> None:
+    """dbus-next never closes the descriptors that come with a message, and any caller
+    may attach some to any call: keep only the one a layer method takes (and closes
+    itself), close the others now, so that no caller can exhaust the daemon's fds."""
+    if not msg.unix_fds:
+        return
+    keep = None
+    if (
+        msg.message_type == MessageType.METHOD_CALL
+        and msg.path == constants.MANAGER_PATH
+        and msg.interface in (None, constants.MANAGER_INTERFACE)
+    ):
+        position = _FD_ARGUMENTS.get((msg.member, msg.signature))
+        if position is not None and len(msg.body) > position:
+            index = msg.body[position]
+            if isinstance(index, int) and 0 <= index < len(msg.unix_fds):
+                keep = index
+    for index, fd in enumerate(msg.unix_fds):
+        if index != keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _attached(fd: int | None) -> None:
+    if fd is None:
+        raise InvalidArgument("fd: the message carries no file descriptor for it")
 
 
 def mount_path(mount_id: str) -> str:
@@ -201,6 +236,9 @@ class ManagerInterface(ServiceInterface):
             {
                 "Mount": ["mount"],
                 "Diff": ["changes"],
+                "ExportDiff": ["bytes"],
+                "ImportLayer": ["entries"],
+                "Commit": ["entries"],
                 "ListMounts": ["mounts"],
                 "MountAdded": ["mount", "mountpoint"],
                 "MountRemoved": ["mount", "mountpoint"],
@@ -227,6 +265,41 @@ class ManagerInterface(ServiceInterface):
         caller = await self.service.caller()
         changes = await self.manager.diff(mount_id_of(mount), caller, _unwrap_options(options))
         return [[c.kind, c.path] for c in changes]
+
+    # dbus-next hands an "h" argument over as the received descriptor itself and never
+    # closes it: the method owns it and closes it on every path. An index with no
+    # descriptor attached arrives as None.
+
+    @method()
+    @translated
+    async def ExportDiff(self, mount: "o", fd: "h", options: "a{sv}") -> "t":
+        try:
+            _attached(fd)
+            caller = await self.service.caller()
+            result = await self.manager.export_diff(mount_id_of(mount), fd, caller, _unwrap_options(options))
+        finally:
+            if fd is not None:
+                os.close(fd)
+        return result.bytes
+
+    @method()
+    @translated
+    async def ImportLayer(self, fd: "h", destdir: "s", options: "a{sv}") -> "t":
+        try:
+            _attached(fd)
+            caller = await self.service.caller()
+            result = await self.manager.import_layer(fd, destdir, caller, _unwrap_options(options))
+        finally:
+            if fd is not None:
+                os.close(fd)
+        return result.entries
+
+    @method()
+    @translated
+    async def Commit(self, mount: "o", destdir: "s", options: "a{sv}") -> "t":
+        caller = await self.service.caller()
+        result = await self.manager.commit(mount_id_of(mount), destdir, caller, _unwrap_options(options))
+        return result.entries
 
     @method()
     @translated
@@ -264,6 +337,7 @@ class BusService:
             self.bus = _Bus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
         await self.bus.connect()
         asyncio.get_running_loop().set_exception_handler(_ignore_replied_errors)
+        self.bus.add_message_handler(_close_unclaimed_fds)
         self.bus.add_message_handler(self._remember_sender)
         self.bus.export(constants.MANAGER_PATH, self.interface)
         for record in self.manager.list():

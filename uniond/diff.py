@@ -12,6 +12,7 @@ import errno
 import os
 import stat
 from dataclasses import dataclass
+from stat import S_ISCHR, S_ISDIR, S_ISREG, S_ISSOCK
 
 ADDED, CHANGED, DELETED = "A", "C", "D"
 _OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
@@ -92,7 +93,35 @@ def _unchanged(upper: str, ust: os.stat_result, lower: str, lst: os.stat_result)
     return True
 
 
-def _lookup(live: list[str], name: str, want_dirs: bool) -> tuple[str | None, os.stat_result | None, list[str]]:
+# A lower directory whose size suggests at most this many entries per entry of the upper
+# directory is listed once instead of probed once per upper entry.
+_LIST_FACTOR = 2
+_DIRENT_BYTES = 24  # a lower bound of the bytes a name takes in a directory (ext4, xfs, tmpfs)
+
+
+def _names_if_cheap(directory: str, upper_entries: int) -> frozenset[str] | None:
+    """The names in a lower directory, if listing it costs no more than probing it would.
+
+    Probing costs one failed lstat per upper entry and lower; a listing answers all of
+    them at once. The size check keeps Diff's cost bounded by the upper, whatever the
+    size of the lowers (a huge lower directory is still probed name by name).
+    """
+    try:
+        size = os.stat(directory).st_size
+    except OSError:
+        return None
+    if size > _LIST_FACTOR * _DIRENT_BYTES * max(upper_entries, 1):
+        return None
+    try:
+        with os.scandir(directory) as it:
+            return frozenset(e.name for e in it)
+    except OSError:
+        return None
+
+
+def _lookup(
+    live: list[tuple[str, frozenset[str] | None]], name: str, want_dirs: bool
+) -> tuple[str | None, os.stat_result | None, list[str]]:
     """Find ``name`` in the visible lower directories, top-most first (D4).
 
     Returns the top-most lower path and stat (None if no lower shows it) and, when the
@@ -101,8 +130,10 @@ def _lookup(live: list[str], name: str, want_dirs: bool) -> tuple[str | None, os
     found_path: str | None = None
     found: os.stat_result | None = None
     below: list[str] = []
-    for directory in live:
-        path = os.path.join(directory, name)
+    for directory, names in live:
+        if names is not None and name not in names:
+            continue
+        path = f"{directory}/{name}"
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -121,22 +152,28 @@ def _lookup(live: list[str], name: str, want_dirs: bool) -> tuple[str | None, os
     return found_path, found, below
 
 
-def _walk(upper_dir: str, merged_dir: str, live: list[str], out: list[Change]) -> bool:
+def _walk(upper_dir: str, merged_dir: str, lower_dirs: list[str], out: list[Change]) -> bool:
     """Report changes below ``upper_dir``; True if an entry was added or deleted directly in it."""
     touched = False
     with os.scandir(upper_dir) as it:
         entries = sorted(it, key=lambda e: e.name)
+    live = [(d, _names_if_cheap(d, len(entries))) for d in lower_dirs]
     for entry in entries:
         merged = merged_dir + entry.name
         st = entry.stat(follow_symlinks=False)
-        if is_whiteout(entry.path, st):
+        mode = st.st_mode
+        # Only 0/0 devices and empty regular files can be whiteouts: no xattr read otherwise.
+        if (S_ISCHR(mode) or (S_ISREG(mode) and not st.st_size)) and is_whiteout(entry.path, st):
             out.append(Change(DELETED, merged))
             touched = True
             continue
-        if stat.S_ISSOCK(st.st_mode):
+        if S_ISSOCK(mode):
             continue  # D8: sockets are not part of a layer
-        is_dir = stat.S_ISDIR(st.st_mode)
-        lower_path, lower_st, below = _lookup(live, entry.name, want_dirs=is_dir)
+        is_dir = S_ISDIR(mode)
+        if live:
+            lower_path, lower_st, below = _lookup(live, entry.name, want_dirs=is_dir)
+        else:
+            lower_path, lower_st, below = None, None, []
         reported = False
         if is_dir and is_opaque(entry.path):
             if lower_st is not None:

@@ -141,6 +141,21 @@ def unmount(mountpoint: str, lazy: bool = False, mnt_id: int = 0) -> None:
     raise OSError(errno.ENOENT, f"mount {mnt_id} is not at {mountpoint} nor anywhere reachable without symlinks")
 
 
+def set_readonly(mountpoint: str, readonly: bool) -> None:
+    """Freeze or thaw writers of one mount (this mount only, not the superblock).
+
+    The kernel refuses to freeze (EBUSY) while a file is open for writing through it.
+    """
+    fd = os.open(mountpoint, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if readonly:
+            syscalls.mount_setattr(fd, syscalls.MOUNT_ATTR_RDONLY)
+        else:
+            syscalls.mount_setattr(fd, 0, syscalls.MOUNT_ATTR_RDONLY)
+    finally:
+        os.close(fd)
+
+
 def is_mount_root(path: str) -> bool:
     return syscalls.mount_identity(path)[1]
 

@@ -17,16 +17,21 @@ import errno
 import logging
 import os
 import secrets
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from uniond import access, diff, engine, holders, mountinfo, options, paths, syscalls
+from uniond import access, diff, engine, holders, layerfs, layertar, mountinfo, options, paths, snapshot, syscalls
 from uniond.caller import Caller
 from uniond.config import Config
 from uniond.constants import (
+    ACTION_COMMIT,
     ACTION_EXPORT,
+    ACTION_IMPORT,
     ACTION_MOUNT,
     ACTION_MOUNT_ANY,
     ACTION_UNMOUNT_OTHER,
@@ -111,6 +116,10 @@ class MountManager:
         self._stale: dict[str, MountRecord] = {}  # gone from the kernel, cleanup pending
         self._listeners: list[MountListener] = []
         self._boot_id = boot_id()
+        # Layer operations run in worker threads; these say what they are using.
+        self._lock = threading.Lock()
+        self._in_use: Counter[str] = Counter()  # mount id -> running exports/commits
+        self._destdirs: set[str] = set()  # being filled by ImportLayer or Commit
 
     def configure(self, config: Config) -> None:
         """Take a (re)loaded configuration; paths are compared in canonical form."""
@@ -152,6 +161,153 @@ class MountManager:
             return await asyncio.to_thread(
                 diff.changes, f"/proc/self/fd/{upper.fd}", [f"/proc/self/fd/{h.fd}" for h in lowers]
             )
+
+    # ---- layers: authorised on the event loop, the work in a worker thread ------
+
+    @contextmanager
+    def _using(self, mount_id: str) -> Iterator[MountRecord]:
+        """Holds the mount against Unmount while a layer operation reads its upper."""
+        with self._lock:
+            record = self.get(mount_id)
+            self._in_use[mount_id] += 1
+        try:
+            yield record
+        finally:
+            with self._lock:
+                self._in_use[mount_id] -= 1
+                if not self._in_use[mount_id]:
+                    del self._in_use[mount_id]
+
+    def _upper_of(self, held: contextlib.ExitStack, record: MountRecord) -> str:
+        """The mount's upper as a path through a descriptor opened without symlinks
+        (as for Diff), or "" for a mount without one."""
+        if not record.spec.upperdir:
+            return ""
+        try:
+            upper = self._open(held, "upperdir", record.spec.upperdir)
+        except InvalidArgument as e:
+            raise Failed(f"mount {record.id}: its upper is no longer where it was mounted from: {e}") from None
+        return f"/proc/self/fd/{upper.fd}/."
+
+    def _destdir(self, held: contextlib.ExitStack, destdir: str) -> paths.OpenDir:
+        """Opens ``destdir`` without symlinks, checks where it is and claims it, so that
+        two calls never fill it at once. The daemon then writes only through the fd."""
+        dest = self._open(held, "destdir", destdir)
+        self._place("destdir", dest.path)
+        for record in list(self.records.values()):
+            spec = record.spec
+            named = {"mountpoint": spec.mountpoint, "upperdir": spec.upperdir, "workdir": spec.workdir}
+            named.update({f"lowerdirs[{i}]": p for i, p in enumerate(spec.lowerdirs)})
+            for name, path in named.items():
+                if path and (paths.inside(dest.path, path) or paths.inside(path, dest.path)):
+                    raise InvalidArgument(
+                        f"destdir {dest.path!r} overlaps the {name} {path!r} of mount {record.id}; "
+                        "give a directory outside every mount's layers"
+                    )
+        with self._lock:
+            if any(paths.inside(dest.path, d) or paths.inside(d, dest.path) for d in self._destdirs):
+                raise Busy(f"destdir {dest.path!r} is already being filled by another call")
+            self._destdirs.add(dest.path)
+
+        def release() -> None:
+            with self._lock:
+                self._destdirs.discard(dest.path)
+
+        held.callback(release)
+        return dest
+
+    async def export_diff(
+        self, mount_id: str, fd: int, caller: Caller, opts: dict[str, Any]
+    ) -> layertar.ExportResult:
+        opts = options.check("ExportDiff", opts, options.EXPORT_OPTIONS)
+        compression = opts.get("compression", "none")
+        if compression not in layertar.COMPRESSIONS:
+            raise InvalidArgument(f"compression: {compression!r} is not one of {', '.join(layertar.COMPRESSIONS)}")
+        await self.authorize(caller, ACTION_EXPORT, opts, self.get(mount_id), compression=compression)
+        with self._using(mount_id) as record, contextlib.ExitStack() as held:
+            upper = self._upper_of(held, record)
+            result = await asyncio.to_thread(layertar.export_diff, upper, fd, compression)
+        log.info("mount %s: exported %d entries, %d bytes (uid %d)", mount_id, result.entries, result.bytes, caller.uid)
+        return result
+
+    async def import_layer(
+        self, fd: int, destdir: str, caller: Caller, opts: dict[str, Any]
+    ) -> layertar.ImportResult:
+        opts = options.check("ImportLayer", opts, options.IMPORT_OPTIONS)
+        devices = opts.get("devices", False)
+        if devices and not caller.is_root:
+            raise NotPermitted("devices: only root may import device files; other layers refuse them")
+        canonical = paths.canonical("destdir", destdir)
+        self._place("destdir", canonical)
+        await self.authorize(caller, ACTION_IMPORT, opts, destdir=canonical)
+        with contextlib.ExitStack() as held:
+            dest = self._destdir(held, canonical)
+            result = await asyncio.to_thread(layertar.import_layer, fd, f"/proc/self/fd/{dest.fd}/.", devices)
+        log.info("imported a layer of %d entries into %s (uid %d)", result.entries, dest.path, caller.uid)
+        return result
+
+    COMMIT_ATTEMPTS = 3
+
+    async def commit(self, mount_id: str, destdir: str, caller: Caller, opts: dict[str, Any]) -> snapshot.CommitResult:
+        opts = options.check("Commit", opts, options.COMMIT_OPTIONS)
+        canonical = paths.canonical("destdir", destdir)
+        self._place("destdir", canonical)
+        await self.authorize(caller, ACTION_COMMIT, opts, self.get(mount_id), destdir=canonical)
+        with self._using(mount_id) as record, contextlib.ExitStack() as held:
+            dest = self._destdir(held, canonical)
+            upper = self._upper_of(held, record)
+            result = await asyncio.to_thread(self._commit, record, upper, f"/proc/self/fd/{dest.fd}/.")
+        log.info("mount %s: committed %d entries into %s (uid %d)", mount_id, result.entries, dest.path, caller.uid)
+        return result
+
+    def _commit(self, record: MountRecord, upper: str, dest: str) -> snapshot.CommitResult:
+        spec = record.spec
+        if not upper or spec.readonly or self._freeze(record):
+            try:
+                return snapshot.commit(upper, dest)
+            finally:
+                if upper and not spec.readonly:
+                    self._thaw(record)
+        return self._commit_and_verify(record, upper, dest)
+
+    def _commit_and_verify(self, record: MountRecord, upper: str, dest: str) -> snapshot.CommitResult:
+        """With files open for writing the mount cannot be frozen: copy, then prove
+        that nothing changed meanwhile, and copy again if something did."""
+        for attempt in range(1, self.COMMIT_ATTEMPTS + 1):
+            try:
+                result = snapshot.commit(upper, dest)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # an entry went away during the copy; destdir was emptied
+            if snapshot.fingerprint(upper) == result.fingerprint:
+                return result
+            log.info("mount %s: upper changed during Commit (attempt %d); copying again", record.id, attempt)
+            layerfs.empty_directory(dest)
+        users = ", ".join(str(h) for h in holders.find(record.spec.mountpoint)) or "no process found"
+        raise Busy(
+            f"mount {record.id} kept changing during {self.COMMIT_ATTEMPTS} copies, so no consistent layer "
+            f"could be taken; files are open for writing by: {users}"
+        )
+
+    @staticmethod
+    def _freeze(record: MountRecord) -> bool:
+        """Writers are held off for the copy, so the layer is one moment of the upper.
+
+        False if the kernel refuses because files are open for writing.
+        """
+        try:
+            engine.set_readonly(record.spec.mountpoint, True)
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                return False
+            raise Failed(f"could not freeze mount {record.id} for Commit: {e.strerror or e}") from e
+        return True
+
+    @staticmethod
+    def _thaw(record: MountRecord) -> None:
+        try:
+            engine.set_readonly(record.spec.mountpoint, False)
+        except OSError as e:
+            log.error("mount %s: could not make it writable again after Commit: %s", record.id, e)
 
     # ---- start-up --------------------------------------------------------------
 
@@ -471,6 +627,9 @@ class MountManager:
         action = ACTION_UNMOUNT_OWN if caller.uid == record.owner else ACTION_UNMOUNT_OTHER
         await self.authorize(caller, action, opts, record)
         record = self.get(mount_id)  # another call may have unmounted it meanwhile
+        with self._lock:
+            if self._in_use[mount_id]:
+                raise Busy(f"mount {mount_id} is being exported or committed; unmount it when that has finished")
         mountpoint = record.spec.mountpoint
         try:
             engine.unmount(mountpoint, lazy=opts.get("lazy", False), mnt_id=record.mnt_id)

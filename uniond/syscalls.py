@@ -159,8 +159,8 @@ class _MountAttr(ctypes.Structure):
     ]
 
 
-def mount_setattr(fd: int, attr_set: int) -> None:
-    attr = _MountAttr(attr_set, 0, 0, 0)
+def mount_setattr(fd: int, attr_set: int, attr_clr: int = 0) -> None:
+    attr = _MountAttr(attr_set, attr_clr, 0, 0)
     _check(
         _syscall(SYS_MOUNT_SETATTR, fd, b"", AT_EMPTY_PATH, ctypes.byref(attr), ctypes.sizeof(attr)),
         "mount_setattr",

@@ -1,0 +1,111 @@
+"""The file descriptor a caller hands over with ExportDiff or ImportLayer.
+
+It may be a file, a pipe or a socket, blocking or not, and its other end may go away:
+this module makes all of those behave like one stream.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import select
+import stat
+
+from uniond.errors import Failed, InvalidArgument
+
+CHUNK = 1 << 20
+
+
+def _wait(fd: int, events: int) -> None:
+    """A caller may hand over a non-blocking pipe; wait instead of failing."""
+    poller = select.poll()
+    poller.register(fd, events)
+    poller.poll()
+
+
+def check_fd(fd: int, writing: bool) -> None:
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        st = os.fstat(fd)
+    except OSError:
+        raise InvalidArgument("fd: not an open file descriptor") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InvalidArgument("fd: is a directory; pass a file or a pipe")
+    mode = flags & os.O_ACCMODE
+    if writing and mode == os.O_RDONLY:
+        raise InvalidArgument("fd: open for reading only; ExportDiff writes the layer to it")
+    if not writing and mode == os.O_WRONLY:
+        raise InvalidArgument("fd: open for writing only; ImportLayer reads the layer from it")
+
+
+class Sink:
+    """Writes to the caller's fd in large pieces and counts what it wrote."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.written = 0
+        self._buf = bytearray()
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self._buf += data
+        if len(self._buf) >= CHUNK:
+            self._drain()
+        return len(data)
+
+    def _drain(self) -> None:
+        view = memoryview(self._buf)
+        try:
+            while view:
+                try:
+                    n = os.write(self.fd, view)
+                except BlockingIOError:
+                    _wait(self.fd, select.POLLOUT)
+                    continue
+                except BrokenPipeError:
+                    raise Failed("the reader of the layer closed its end before the end") from None
+                self.written += n
+                view = view[n:]
+        finally:
+            view.release()
+        self._buf.clear()
+
+    def flush(self) -> None:
+        self._drain()
+
+    def sendfile(self, src: int, count: int) -> int:
+        """Copy up to ``count`` bytes of ``src`` straight to the fd; returns how many."""
+        self._drain()
+        done = 0
+        while done < count:
+            try:
+                n = os.sendfile(self.fd, src, None, count - done)
+            except BlockingIOError:
+                _wait(self.fd, select.POLLOUT)
+                continue
+            except BrokenPipeError:
+                raise Failed("the reader of the layer closed its end before the end") from None
+            except OSError as e:
+                if e.errno in (errno.EINVAL, errno.ENOSYS) and not done:
+                    return 0  # an fd sendfile cannot write to: the caller copies instead
+                raise
+            if n == 0:
+                break
+            done += n
+            self.written += n
+        return done
+
+
+class Source:
+    """Reads the caller's fd for tarfile, waiting on a non-blocking one."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def read(self, size: int = -1) -> bytes:
+        size = CHUNK if size is None or size < 0 else size
+        while True:
+            try:
+                return os.read(self.fd, size)
+            except BlockingIOError:
+                _wait(self.fd, select.POLLIN)
