@@ -239,6 +239,14 @@ def test_journal_keeps_priorities_and_mount_ids(scenario):
             assert any(i in message for i in ids), message
 
 
+def test_journalctl_u_shows_the_daemon_lines_with_priorities(scenario):
+    entries = [json.loads(line) for line in scenario.text("journal-u.json").splitlines()]
+    own = [e for e in entries if e.get("SYSLOG_IDENTIFIER") == "uniond"]
+    ready = [e for e in own if e["MESSAGE"].startswith("uniond 0.1.0 ready on org.uniond1")]
+    assert ready, [e["MESSAGE"] for e in own]
+    assert ready[-1]["PRIORITY"] == "6" and ready[-1]["_SYSTEMD_UNIT"] == "uniond.service"
+
+
 def test_hardening_keeps_exposure_low(scenario):
     security = scenario.text("security")
     level = re.search(r"Overall exposure level for uniond.service: ([0-9.]+)", security)

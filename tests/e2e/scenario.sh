@@ -147,6 +147,11 @@ show > "$OUT/after-stop"
 findmnt -n -o FSTYPE $S/merge > "$OUT/a-after-stop"
 
 step activation
+# Back to PID 1's usual log level. At debug level the forked child logs "Executing: ..."
+# before it is moved into the unit's cgroup, and journald then keeps attributing that
+# PID's lines to init.scope for a while: `journalctl -u uniond` would miss them. From
+# here on, the daemon's lines must be found the way an administrator looks for them.
+systemd-analyze log-level info
 show > "$OUT/before-activation"
 call ListMounts > "$OUT/activation.json" 2> "$OUT/activation.err"
 show > "$OUT/after-activation"
