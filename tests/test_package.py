@@ -47,6 +47,7 @@ def test_files_land_in_debian_places(files):
         "/etc/uniond/uniond.conf",
         "/usr/share/man/man8/uniond.8.gz",
         "/usr/share/doc/uniond/copyright",
+        "/usr/share/doc/uniond/README.md",  # uniond.service's Documentation=
     ]:
         assert path in files, f"{path} is not in the package"
     regular = [f for f in files if not f.endswith("/")]

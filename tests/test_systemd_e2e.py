@@ -117,6 +117,8 @@ def test_package_installs_offline_enabled_and_running(scenario):
     assert scenario.text("dirs").splitlines() == ["700 root", "755 root"]
     assert "org.uniond1" in scenario.text("activatable").split()
     assert "implicit active:   auth_admin_keep" in scenario.text("pkaction")
+    # The installed unit as systemd reads it: no unknown option, no missing binary.
+    assert (scenario.text("verify.rc"), scenario.text("verify")) == ("0", "")
 
 
 def test_active_only_after_ready(scenario):

@@ -46,6 +46,7 @@ stat -c '%a %U' /var/lib/uniond /run/uniond > "$OUT/dirs"
 busctl list --activatable --no-legend | awk '{print $1}' > "$OUT/activatable"
 pkaction --verbose --action-id org.uniond1.mount > "$OUT/pkaction" 2>&1
 systemd-analyze security --no-pager uniond.service > "$OUT/security" 2>&1
+systemd-analyze verify uniond.service > "$OUT/verify" 2>&1; echo $? > "$OUT/verify.rc"
 
 step start
 systemctl stop uniond.service
