@@ -215,6 +215,14 @@ def test_dbus_activation_starts_the_stopped_service(scenario):
     assert any("Activating via systemd" in m and "org.uniond1" in m for m in bus), bus
 
 
+def test_reinstall_restarts_and_adopts(scenario):
+    assert scenario.text("reinstall.rc") == "0", scenario.text("reinstall.log")[-2000:]
+    old, new = scenario.text("reinstall-pids").split()
+    assert old != new and new != "0"
+    assert scenario.show("after-reinstall")["StatusText"] == "1 mount"
+    assert scenario.json("list-after-reinstall.json")["data"][0] == [scenario.text("mount-a")]
+
+
 def test_purge_removes_the_service_but_not_the_mounts(scenario):
     assert scenario.text("purge.rc") == "0"
     assert scenario.text("after-purge-loadstate") == "not-found"

@@ -76,9 +76,12 @@ step busy
 # A process of another user holds the mount: uniond names it (reading another user's
 # /proc/PID/fd is what CAP_SYS_PTRACE is kept for).
 systemd-run --unit=e2e-holder -p User=nobody -p WorkingDirectory=$S/merge sleep 60
-wait_for 5 sh -c "[ -n \"\$(systemctl show -P MainPID e2e-holder | grep -v '^0$')\" ]"
+holding() {  # the holder runs sleep, in the mount
+  local pid; pid=$(systemctl show -P MainPID e2e-holder)
+  [ "$pid" != 0 ] && [ "$(cat /proc/"$pid"/comm)" = sleep ] && [ "$(readlink /proc/"$pid"/cwd)" = $S/merge ]
+}
+wait_for 5 holding
 systemctl show -P MainPID e2e-holder > "$OUT/holder-pid"
-sleep 0.2
 busctl call org.uniond1 /org/uniond1 org.uniond1.Manager Unmount 'oa{sv}' "$A" 0 2> "$OUT/busy"
 systemctl stop e2e-holder
 
@@ -156,6 +159,15 @@ systemd-analyze log-level info
 show > "$OUT/before-activation"
 call ListMounts > "$OUT/activation.json" 2> "$OUT/activation.err"
 show > "$OUT/after-activation"
+
+step upgrade
+# Installing the package again (as an upgrade does) restarts uniond, which adopts
+# the mount that is still live.
+pid=$(systemctl show -P MainPID uniond.service)
+apt-get install -y --reinstall /deb/uniond_*.deb > "$OUT/reinstall.log" 2>&1; echo $? > "$OUT/reinstall.rc"
+echo "$pid $(systemctl show -P MainPID uniond.service)" > "$OUT/reinstall-pids"
+show > "$OUT/after-reinstall"
+call ListMounts > "$OUT/list-after-reinstall.json"
 
 step purge
 apt-get purge -y uniond > "$OUT/purge.log" 2>&1; echo $? > "$OUT/purge.rc"
