@@ -265,7 +265,8 @@ def test_hardening_keeps_exposure_low(scenario):
     level = re.search(r"Overall exposure level for uniond.service: ([0-9.]+)", security)
     assert level, security
     print(f"systemd-analyze security: {level.group(0)}")
-    assert float(level.group(1)) <= 6.0, security
+    # 9.6 before the hardening, 4.2 with it: weakening the unit shows here.
+    assert float(level.group(1)) <= 4.5, security
 
 
 def test_suite_is_quick(scenario):
