@@ -242,6 +242,7 @@ def test_journal_keeps_priorities_and_mount_ids(scenario):
     priorities = {e["PRIORITY"] for e in lines}
     assert {"6", "4", "3"} <= priorities, priorities
     c = mount_id(scenario.text("mount-c"))
+    assert scenario.text("unmount-c.rc") == "0", scenario.text("unmount-c.err")
     behind = [e for e in lines if "already unmounted behind" in e["MESSAGE"]]
     assert behind and behind[0]["PRIORITY"] == "4" and behind[0]["MESSAGE"].startswith(f"mount {c}:")
     # Every line that names one of the scenario's mountpoints or mount objects names the mount id.

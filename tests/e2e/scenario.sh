@@ -41,7 +41,6 @@ echo $? > "$OUT/install.rc"
 command -v uniond > "$OUT/which-uniond"
 systemctl is-enabled uniond.service > "$OUT/enabled"
 show > "$OUT/after-install"
-cat /proc/"$(systemctl show -P MainPID uniond.service)"/cgroup > "$OUT/cgroup"
 stat -c '%a %U' /var/lib/uniond /run/uniond > "$OUT/dirs"
 busctl list --activatable --no-legend | awk '{print $1}' > "$OUT/activatable"
 pkaction --verbose --action-id org.uniond1.mount > "$OUT/pkaction" 2>&1
@@ -50,14 +49,12 @@ systemd-analyze verify uniond.service > "$OUT/verify" 2>&1; echo $? > "$OUT/veri
 
 step start
 systemctl stop uniond.service
-start=$(now)
 systemctl start --no-block uniond.service
 # Sample what systemd sees until it says active: activating (start) first, then active.
 for _ in $(seq 400); do
   s=$(show); echo "$s" >> "$OUT/start-samples"
   case "$s" in *ActiveState=active*) break ;; esac
 done
-echo "$start $(now)" > "$OUT/start-wall"
 systemctl show -p Type,ExecMainStartTimestampMonotonic,ActiveEnterTimestampMonotonic uniond.service > "$OUT/start-times"
 
 step mount
@@ -74,7 +71,7 @@ call Diff 'oa{sv}' "$A" 0 > "$OUT/diff.json"
 
 step busy
 # A process of another user holds the mount: uniond names it (reading another user's
-# /proc/PID/fd is what CAP_SYS_PTRACE is kept for).
+# /proc/PID/cwd, root and fd/ is what CAP_SYS_PTRACE is kept for).
 systemd-run --unit=e2e-holder -p User=nobody -p WorkingDirectory=$S/merge sleep 60
 holding() {  # the holder runs sleep, in the mount
   local pid; pid=$(systemctl show -P MainPID e2e-holder)
