@@ -11,6 +11,7 @@ also kept when the container fails.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -49,9 +50,13 @@ class Scenario:
         path = self.out / "scenario.log"
         return "\n".join(path.read_text().splitlines()[-30:]) if path.exists() else self.nspawn_log[-3000:]
 
-    def journal(self) -> list[dict]:
+    @functools.cached_property
+    def _journal(self) -> list[dict]:
         entries = [json.loads(line) for line in self.text("journal.json").splitlines()]
         return [e for e in entries if isinstance(e.get("MESSAGE"), str)]
+
+    def journal(self) -> list[dict]:
+        return self._journal
 
     def steps(self) -> dict[str, list[dict]]:
         """Journal entries grouped by the scenario step that was running."""
@@ -66,6 +71,8 @@ class Scenario:
         return groups
 
     def uniond_lines(self, step: str | None = None) -> list[dict]:
+        """The daemon's own lines, by their identifier (`journalctl -t uniond`): with PID 1
+        at debug level, journald files some of them under init.scope (see scenario.sh)."""
         entries = self.steps()[step] if step else self.journal()
         return [e for e in entries if e.get("SYSLOG_IDENTIFIER") == "uniond"]
 
