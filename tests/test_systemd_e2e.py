@@ -233,11 +233,21 @@ def test_reinstall_restarts_and_adopts(scenario):
     assert scenario.json("list-after-reinstall.json")["data"][0] == [scenario.text("mount-a")]
 
 
+def test_unmount_takes_the_mount_down_and_keeps_the_layers(scenario):
+    assert scenario.text("unmount-a.rc") == "0", scenario.text("unmount-a.err")
+    assert scenario.text("a-after-unmount") == ""
+    # merge is empty again; the upper keeps the change (d, and the whiteout of a).
+    listing = sorted(scenario.text("dirs-after-unmount").split("\n\n"))
+    assert listing == ["/srv/e2e/l1:\na\nb", "/srv/e2e/merge:", "/srv/e2e/upper:\na\nd"], listing
+    assert scenario.json("list-after-unmount.json")["data"][0] == []
+
+
 def test_purge_removes_the_service_but_not_the_mounts(scenario):
     assert scenario.text("purge.rc") == "0"
     assert scenario.text("after-purge-loadstate") == "not-found"
     assert "org.uniond1" not in scenario.text("after-purge-activatable").split()
-    assert scenario.text("a-after-purge") == "overlay"
+    assert re.fullmatch(r"/run/uniond/mounts/[0-9a-f]+", scenario.text("mountpoint-e"))
+    assert scenario.text("e-after-purge") == "three"
     assert scenario.text("after-purge-dirs") == ""
     assert "No such file" in scenario.text("after-purge-dirs.err")
 

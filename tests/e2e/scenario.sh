@@ -166,11 +166,20 @@ echo "$pid $(systemctl show -P MainPID uniond.service)" > "$OUT/reinstall-pids"
 show > "$OUT/after-reinstall"
 call ListMounts > "$OUT/list-after-reinstall.json"
 
+step unmount
+call Unmount 'oa{sv}' "$A" 0 > "$OUT/unmount-a.json" 2> "$OUT/unmount-a.err"; echo $? > "$OUT/unmount-a.rc"
+findmnt -n $S/merge > "$OUT/a-after-unmount"
+ls -A $S/merge $S/upper $S/l1 > "$OUT/dirs-after-unmount"
+call ListMounts > "$OUT/list-after-unmount.json"
+# A read-only view of one layer on a mountpoint uniond makes, for the purge below.
+E=$(call Mount 'asssa{sv}' 1 $S/l2 "" "" 0 | python3 -c 'import json,sys; print(json.load(sys.stdin)["data"][0])')
+prop "$E" Mountpoint > "$OUT/mountpoint-e"
+
 step purge
 apt-get purge -y uniond > "$OUT/purge.log" 2>&1; echo $? > "$OUT/purge.rc"
 systemctl show -P LoadState uniond.service > "$OUT/after-purge-loadstate"
 busctl list --activatable --no-legend | awk '{print $1}' > "$OUT/after-purge-activatable"
-findmnt -n -o FSTYPE $S/merge > "$OUT/a-after-purge"
+cat "$(cat "$OUT/mountpoint-e")"/c > "$OUT/e-after-purge"
 ls -d /etc/uniond /var/lib/uniond > "$OUT/after-purge-dirs" 2> "$OUT/after-purge-dirs.err"
 
 step end
