@@ -107,7 +107,9 @@ class Daemon:
         if self._watchdog is not None:
             self._watchdog.cancel()
         if disconnected.done():
-            log.error("lost the bus connection; exiting so that systemd restarts uniond")
+            # Retrieve the reason: asyncio would otherwise print it as a traceback.
+            reason = disconnected.exception()
+            log.error("lost the bus connection (%s); exiting so that systemd restarts uniond", reason or "closed")
             stopped.cancel()
             code = 1
         else:

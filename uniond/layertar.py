@@ -143,7 +143,7 @@ class _Counted:
 _SENDFILE_MIN = 1 << 16
 
 
-def _copy_into(out: _Counted, path: str, size: int, header: bytes) -> None:
+def _copy_into(out: _Counted, path: str, size: int, header: bytes, what: str, rel: str) -> None:
     """File data, exactly ``size`` bytes: a file that shrank meanwhile is padded, one that
     grew is cut, as the header already promised ``size`` (GNU tar does the same).
 
@@ -154,7 +154,7 @@ def _copy_into(out: _Counted, path: str, size: int, header: bytes) -> None:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         # Deleted since the walk saw it (a live mount): its header is written, so zeros follow.
-        log.warning("export: %s vanished while the layer was written; its content is zeros", path)
+        log.warning("%s: /%s vanished while the layer was written; its content is zeros", what, rel)
         out.write(header + bytes(size + (-size % _BLOCK)) if size < _SENDFILE_MIN else header)
         for _ in range(size // CHUNK):
             out.write(bytes(CHUNK))
@@ -178,7 +178,7 @@ def _copy_into(out: _Counted, path: str, size: int, header: bytes) -> None:
         while left:
             data = os.read(fd, min(left, CHUNK))
             if not data:
-                log.warning("export: %s shrank while it was read; padded with zeros", path)
+                log.warning("%s: /%s shrank while it was read; padded with zeros", what, rel)
                 data = bytes(min(left, CHUNK))
             out.write(data)
             left -= len(data)
@@ -188,8 +188,11 @@ def _copy_into(out: _Counted, path: str, size: int, header: bytes) -> None:
         out.write(bytes(_BLOCK - size % _BLOCK))
 
 
-def export_diff(upperdir: str, fd: int, compression: str = "none") -> ExportResult:
-    """Stream ``upperdir`` to ``fd`` as a layer tar; the caller keeps ``fd`` open."""
+def export_diff(upperdir: str, fd: int, compression: str = "none", what: str = "export") -> ExportResult:
+    """Stream ``upperdir`` to ``fd`` as a layer tar; the caller keeps ``fd`` open.
+
+    ``what`` starts the log lines about files that change meanwhile (e.g. the mount id).
+    """
     if compression not in COMPRESSIONS:
         raise InvalidArgument(f"compression: {compression!r} is not one of {', '.join(COMPRESSIONS)}")
     check_fd(fd, writing=True)
@@ -233,7 +236,8 @@ def export_diff(upperdir: str, fd: int, compression: str = "none") -> ExportResu
                 continue
             first_names[key] = e.rel
         if stat.S_ISREG(mode):
-            _copy_into(out, e.path, st.st_size, _header(e.rel, tarfile.REGTYPE, st, xattrs, size=st.st_size))
+            header = _header(e.rel, tarfile.REGTYPE, st, xattrs, size=st.st_size)
+            _copy_into(out, e.path, st.st_size, header, what, e.rel)
         elif stat.S_ISLNK(mode):
             out.write(_header(e.rel, tarfile.SYMTYPE, st, xattrs, linkname=os.readlink(e.path)))
         elif stat.S_ISFIFO(mode):

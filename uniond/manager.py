@@ -226,7 +226,7 @@ class MountManager:
         await self.authorize(caller, ACTION_EXPORT, opts, self.get(mount_id), compression=compression)
         with self._using(mount_id) as record, contextlib.ExitStack() as held:
             upper = self._upper_of(held, record)
-            result = await asyncio.to_thread(layertar.export_diff, upper, fd, compression)
+            result = await asyncio.to_thread(layertar.export_diff, upper, fd, compression, f"mount {mount_id}: export")
         log.info("mount %s: exported %d entries, %d bytes (uid %d)", mount_id, result.entries, result.bytes, caller.uid)
         return result
 
