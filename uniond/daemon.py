@@ -109,7 +109,8 @@ class Daemon:
         if disconnected.done():
             # Retrieve the reason: asyncio would otherwise print it as a traceback.
             reason = disconnected.exception()
-            log.error("lost the bus connection (%s); exiting so that systemd restarts uniond", reason or "closed")
+            why = f"{type(reason).__name__}: {reason}" if reason else "closed by the bus"
+            log.error("lost the bus connection (%s); exiting so that systemd restarts uniond", why)
             stopped.cancel()
             code = 1
         else:

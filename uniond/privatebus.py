@@ -86,6 +86,9 @@ def start(directory: str, policy: Path | None = None, extra: Sequence[Path] = ()
         ["dbus-daemon", "--nofork", "--nopidfile", f"--config-file={config}", "--print-address=1"],
         stdout=subprocess.PIPE,
         env=env,
+        # Its own session: a Ctrl-C in the terminal reaches uniond alone, which stops
+        # cleanly and then ends the bus, instead of both racing.
+        start_new_session=True,
     )
     assert process.stdout is not None
     printed = process.stdout.readline().decode().strip()
