@@ -10,7 +10,6 @@ import subprocess
 import sys
 import tarfile
 import threading
-import time
 
 import pytest
 from dbus_next import Message, Variant
@@ -111,9 +110,9 @@ def test_export_streams_and_the_daemon_answers_meanwhile(client, layers):
     client.pump(0.3)
     os.close(write_end)  # the daemon holds its own copy now
     assert not pending.done(), "the export waits for a reader: the pipe is full"
-    started = time.monotonic()
+    # The export cannot finish before the pipe is read: an answer now is an answer during it.
     assert client.list() == [path]
-    assert time.monotonic() - started < 1, "other calls are answered during an export"
+    assert not pending.done()
     with pytest.raises(CallError) as e:
         client.unmount(path)
     assert e.value.name == f"{E}.Busy", "a mount is not taken away from under its export"
