@@ -4,7 +4,7 @@ of 1,000 entries against one of 100,000.
 Run (as root, from the repository):
     unshare -m --propagation private .venv/bin/python bench/diff_lowers.py [/scratch/dir]
 
-Every lower holds 100 directories of 1,000 files (lowers 2-10 are hard-linked copies of
+Every big lower holds 100 directories of 1,000 files (lowers 2-10 are hard-linked copies of
 the first, which costs no time to build and changes nothing for Diff). The upper is
 what a typical build changes: 1,000 files modified in 10 of those directories, 1,000
 new files in the first of them, 100 whiteouts in another. Target: Diff's time independent of the
@@ -44,18 +44,24 @@ def main() -> None:
         for f in range(100):
             os.mknod(os.path.join(upper, "d0099", f"f{f:05d}"), 0o600 | 0o020000, 0)  # whiteouts (D2)
         small = os.path.join(base, "small")
-        make_tree(small, 100, 9, 64)  # the same directories, 9 files each: 1,000 entries
+        # A small lower holding just what the upper touches (1,111 entries), so that both
+        # report the same changes and only the size of the lower differs.
+        make_tree(small, 10, 100, 64)
+        os.makedirs(os.path.join(small, "d0099"))
+        for f in range(100):
+            with open(os.path.join(small, "d0099", f"f{f:05d}"), "wb") as out:
+                out.write(b"x" * 64)
         n = []
-        tiny = best_of(5, lambda: diff.changes(upper, [small]))
+        tiny = best_of(5, lambda: n.append(len(diff.changes(upper, [small]))))
         one = best_of(5, lambda: n.append(len(diff.changes(upper, lowers[:1]))))
         ten = best_of(5, lambda: n.append(len(diff.changes(upper, lowers))))
         print("lower entries each:        100,100")
-        print(f"changes reported:          {n[0]} (1 lower), {n[-1]} (10 lowers)")
+        print(f"changes reported:          {n[0]} (small lower), {n[5]} (1 lower), {n[-1]} (10 lowers)")
         print(f"Diff, 1 lower:             {one * 1000:8.1f} ms")
         print(f"Diff, 10 lowers:           {ten * 1000:8.1f} ms")
         print(f"ratio 10 lowers / 1:       {ten / one:8.2f}x   (target: about 1x, independent of lower size)")
-        print(f"Diff, 1 lower of 1,000:    {tiny * 1000:8.1f} ms")
-        print(f"ratio 100,100 / 1,000:     {one / tiny:8.2f}x   (lower size alone)")
+        print(f"Diff, 1 lower of 1,111:    {tiny * 1000:8.1f} ms")
+        print(f"ratio 100,100 / 1,111:     {one / tiny:8.2f}x   (lower size alone)")
     finally:
         shutil.rmtree(base)
 

@@ -31,7 +31,7 @@ def overlay(tmp_path):
                      readonly=False)
     engine.mount(spec)
     try:
-        yield p["merged"], lambda: [(c.kind, c.path) for c in diff.changes(spec.upperdir, spec.lowerdirs)]
+        yield p["merged"], lambda: diff.changes(spec.upperdir, spec.lowerdirs)
     finally:
         engine.unmount(spec.mountpoint)
 
@@ -136,3 +136,31 @@ def test_journal_replays_puts_and_drops_and_survives_a_torn_line(tmp_path):
     again.compact(records)
     lines = open(again.path).read().splitlines()
     assert [json.loads(line)["put"]["id"] for line in lines] == ["b"]
+
+
+def test_diff_of_an_upper_made_by_other_tools(tmp_path):
+    """Uppers not written by this kernel: xattr whiteouts (D2), FIFOs, devices, sockets (D8)."""
+    import socket
+
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    for d in (lower / "x-dir", lower / "plain-dir", upper / "x-dir", upper / "plain-dir"):
+        d.mkdir(parents=True)
+    (lower / "x-dir/gone").write_text("g")
+    (lower / "wh").write_text("w")
+    # D2's newer form: an empty file with the whiteout xattr, in a directory marked "x".
+    os.setxattr(upper / "x-dir", "trusted.overlay.opaque", b"x")
+    (upper / "x-dir/gone").touch()
+    os.setxattr(upper / "x-dir/gone", "trusted.overlay.whiteout", b"")
+    (upper / "x-dir/empty").touch()
+    # The same xattr outside an "x" directory is no whiteout (the kernel ignores it too).
+    (upper / "plain-dir/zero").touch()
+    os.setxattr(upper / "plain-dir/zero", "trusted.overlay.whiteout", b"")
+    os.mknod(upper / "wh", 0o600 | 0o020000, 0)  # the classic 0/0 whiteout
+    os.mknod(upper / "null", 0o600 | 0o020000, os.makedev(1, 3))  # a device, not a whiteout
+    os.mkfifo(upper / "fifo")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(upper / "sock"))  # sockets are not part of a layer
+    assert diff.changes(str(upper), [str(lower)]) == [
+        ("A", "/fifo"), ("A", "/null"), ("C", "/plain-dir"), ("A", "/plain-dir/zero"), ("D", "/wh"),
+        ("C", "/x-dir"), ("A", "/x-dir/empty"), ("D", "/x-dir/gone"),
+    ]

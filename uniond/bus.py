@@ -264,7 +264,7 @@ class ManagerInterface(ServiceInterface):
     async def Diff(self, mount: "o", options: "a{sv}") -> "a(ss)":
         caller = await self.service.caller()
         changes = await self.manager.diff(mount_id_of(mount), caller, _unwrap_options(options))
-        return [[c.kind, c.path] for c in changes]
+        return [list(c) for c in changes]  # dbus-next wants a struct as a list
 
     # dbus-next hands an "h" argument over as the received descriptor itself and never
     # closes it: the method owns it and closes it on every path. An index with no

@@ -9,22 +9,20 @@ the options of M8, which uniond always mounts writable overlays with.
 from __future__ import annotations
 
 import errno
+import operator
 import os
 import stat
-from dataclasses import dataclass
-from stat import S_ISCHR, S_ISDIR, S_ISREG, S_ISSOCK
+from stat import S_ISCHR, S_ISREG, S_ISSOCK
 
 ADDED, CHANGED, DELETED = "A", "C", "D"
 _OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
 _WHITEOUT_XATTRS = ("trusted.overlay.whiteout", "user.overlay.whiteout")
 _COMPARED_XATTR_PREFIXES = ("user.", "security.capability")
-_KIND_ORDER = {DELETED: 0, CHANGED: 1, ADDED: 2}
+_NAME = operator.attrgetter("name")
+_DELETED_RANK, _CHANGED_RANK, _ADDED_RANK = 0, 1, 2  # the order of kinds for one path
 
 
-@dataclass(frozen=True)
-class Change:
-    kind: str  # A, C or D, as `docker diff` prints them
-    path: str  # absolute in the merged view
+Change = tuple[str, str]  # (kind: A, C or D as `docker diff` prints them, path absolute in the merged view)
 
 
 def _getxattr(path: str, name: str) -> bytes | None:
@@ -134,6 +132,10 @@ def _lookup(
         if names is not None and name not in names:
             continue
         path = f"{directory}/{name}"
+        # Most probes miss: access() answers with a bool, where a failed lstat would
+        # cost a Python exception.
+        if names is None and not os.access(path, os.F_OK, follow_symlinks=False):
+            continue
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -152,53 +154,91 @@ def _lookup(
     return found_path, found, below
 
 
-def _walk(upper_dir: str, merged_dir: str, lower_dirs: list[str], out: list[Change]) -> bool:
-    """Report changes below ``upper_dir``; True if an entry was added or deleted directly in it."""
+def _opaque_value(path: str) -> bytes | None:
+    """The directory's overlay.opaque xattr: b"y" (opaque, D3), b"x" (holds xattr whiteouts, D2) or None."""
+    for name in _OPAQUE_XATTRS:
+        value = _getxattr(path, name)
+        if value is not None:
+            return value
+    return None
+
+
+def _walk(upper_dir: str, merged_dir: str, lower_dirs: list[str], out: list[tuple[str, int, str]],
+          xwhiteouts: bool) -> bool:
+    """Report changes below ``upper_dir``; True if an entry was added or deleted directly in it.
+
+    The walk stats only what it must, since an lstat costs several times the listing
+    itself: an entry no lower shows is Added whatever its metadata, and scandir's d_type
+    tells directories, files and symlinks apart. What is stat()ed: character devices
+    (0/0 whiteouts), empty-file candidates for xattr whiteouts in a directory marked
+    ``x`` (``xwhiteouts``), entries a lower also shows (D5 compares both), and the rare
+    types d_type does not name (FIFOs, devices, sockets).
+    """
     touched = False
     with os.scandir(upper_dir) as it:
-        entries = sorted(it, key=lambda e: e.name)
+        entries = sorted(it, key=_NAME)  # so that the final sort finds runs already in order
     live = [(d, _names_if_cheap(d, len(entries))) for d in lower_dirs]
+    # When every lower directory was listed, a name in none of the listings is in no
+    # lower: the common case of an added entry needs no lookup at all.
+    listed: frozenset[str] | None = None
+    if all(names is not None for _, names in live):
+        listed = frozenset().union(*(names for _, names in live if names is not None))
+    append = out.append
     for entry in entries:
-        merged = merged_dir + entry.name
-        st = entry.stat(follow_symlinks=False)
-        mode = st.st_mode
-        # Only 0/0 devices and empty regular files can be whiteouts: no xattr read otherwise.
-        if (S_ISCHR(mode) or (S_ISREG(mode) and not st.st_size)) and is_whiteout(entry.path, st):
-            out.append(Change(DELETED, merged))
+        name = entry.name
+        merged = merged_dir + name
+        is_file = entry.is_file(follow_symlinks=False)
+        if is_file and not xwhiteouts and listed is not None and name not in listed:
+            append((merged, _ADDED_RANK, ADDED))  # the fast path: a new regular file
             touched = True
             continue
-        if S_ISSOCK(mode):
-            continue  # D8: sockets are not part of a layer
-        is_dir = S_ISDIR(mode)
-        if live:
-            lower_path, lower_st, below = _lookup(live, entry.name, want_dirs=is_dir)
-        else:
+        is_dir = not is_file and entry.is_dir(follow_symlinks=False)
+        st = None
+        if (is_file and xwhiteouts) or not (is_file or is_dir or entry.is_symlink()):
+            st = entry.stat(follow_symlinks=False)
+            mode = st.st_mode
+            if (S_ISCHR(mode) or (S_ISREG(mode) and not st.st_size)) and is_whiteout(entry.path, st):
+                append((merged, _DELETED_RANK, DELETED))
+                touched = True
+                continue
+            if S_ISSOCK(mode):
+                continue  # D8: sockets are not part of a layer
+        if listed is not None and name not in listed:
             lower_path, lower_st, below = None, None, []
+        else:
+            lower_path, lower_st, below = _lookup(live, name, want_dirs=is_dir)
+        opaque = _opaque_value(entry.path) if is_dir else None
         reported = False
-        if is_dir and is_opaque(entry.path):
+        if opaque == b"y":
             if lower_st is not None:
-                out.append(Change(DELETED, merged))
-            out.append(Change(ADDED, merged))
+                append((merged, _DELETED_RANK, DELETED))
+            append((merged, _ADDED_RANK, ADDED))
             touched = reported = True
             below = []
         elif lower_st is None:
-            out.append(Change(ADDED, merged))
+            append((merged, _ADDED_RANK, ADDED))
             touched = reported = True
-        elif not _unchanged(entry.path, st, lower_path, lower_st):
-            out.append(Change(CHANGED, merged))
-            reported = True
+        else:
+            assert lower_path is not None
+            if st is None:
+                st = entry.stat(follow_symlinks=False)
+            if not _unchanged(entry.path, st, lower_path, lower_st):
+                append((merged, _CHANGED_RANK, CHANGED))
+                reported = True
         if is_dir:
-            if _walk(entry.path, merged + "/", below, out) and not reported:
-                out.append(Change(CHANGED, merged))  # D4: parent of an A/D is Changed
+            if _walk(entry.path, merged + "/", below, out, opaque == b"x") and not reported:
+                append((merged, _CHANGED_RANK, CHANGED))  # D4: parent of an A/D is Changed
     return touched
 
 
 def changes(upperdir: str, lowerdirs: list[str] | tuple[str, ...]) -> list[Change]:
-    """All changes of the upper against its lowers, sorted by path as `docker diff` prints."""
+    """All changes of the upper against its lowers, sorted by path as `docker diff` prints.
+
+    Plain (kind, path) tuples, as a Diff can hold a million of them.
+    """
     if not upperdir:
         return []
-    out: list[Change] = []
-    _walk(upperdir, "/", list(lowerdirs), out)
-    out.sort(key=lambda c: (c.path, _KIND_ORDER[c.kind]))
-    return out
-
+    out: list[tuple[str, int, str]] = []
+    _walk(upperdir, "/", list(lowerdirs), out, _opaque_value(upperdir) == b"x")
+    out.sort()  # by path, then D before C before A: tuples compare in C, no key function
+    return [(kind, path) for path, _, kind in out]
