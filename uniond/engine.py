@@ -121,8 +121,13 @@ def unmount(mountpoint: str, lazy: bool = False, mnt_id: int = 0) -> None:
     if not mnt_id:
         syscalls.umount(mountpoint, lazy=lazy)
         return
-    candidates = [mountpoint] + [e.mountpoint for e in mountinfo.read() if e.mnt_id == mnt_id]
-    for path in candidates:
+
+    def candidates() -> Iterator[str]:
+        yield mountpoint
+        # Read only when needed: the table is long, and the mount is nearly always there.
+        yield from (e.mountpoint for e in mountinfo.read() if e.mnt_id == mnt_id)
+
+    for path in candidates():
         parent, name = os.path.split(path)
         try:
             parent_fd = syscalls.open_dir_nofollow(parent)

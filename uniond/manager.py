@@ -604,8 +604,8 @@ class MountManager:
         for record in self.records.values():
             if record.spec.upperdir == upper and not record.spec.readonly:
                 raise InvalidArgument(f"upperdir {upper!r} is already the upper of mount {record.id}")
-        for entry in mountinfo.read():
-            if entry.fstype == "overlay" and upper in entry.option_values("upperdir"):
+        for entry in mountinfo.read(fstype="overlay"):
+            if upper in entry.option_values("upperdir"):
                 raise InvalidArgument(f"upperdir {upper!r} is already in use by the overlay at {entry.mountpoint}")
 
     def _check_workdir(self, workdir: paths.OpenDir, upper: paths.OpenDir | None) -> None:

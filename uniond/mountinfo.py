@@ -36,10 +36,14 @@ class MountEntry:
         return out
 
 
-def parse(text: str) -> list[MountEntry]:
+def parse(text: str, fstype: str = "") -> list[MountEntry]:
+    """Every entry, or only those of ``fstype`` (the others are skipped before the costly
+    unescaping: a Mount asks for the overlays of a table of hundreds of entries)."""
     entries = []
     for line in text.splitlines():
         left, _, right = line.partition(" - ")
+        if fstype and not right.startswith(fstype + " "):
+            continue
         fields = left.split(" ")
         rest = right.split(" ")
         if len(fields) < 5 or len(rest) < 3:
@@ -60,6 +64,6 @@ def parse(text: str) -> list[MountEntry]:
     return entries
 
 
-def read(path: str = "/proc/self/mountinfo") -> list[MountEntry]:
+def read(path: str = "/proc/self/mountinfo", fstype: str = "") -> list[MountEntry]:
     with open(path, encoding="utf-8", errors="surrogateescape") as f:
-        return parse(f.read())
+        return parse(f.read(), fstype)
