@@ -146,6 +146,15 @@ def test_fuzz_every_method(daemon, client, arena):
     )
     made: list[str] = []
     started = time.monotonic()
+
+    def mount_and_unmount(low, upper, mountpoint, opts) -> None:
+        """A Mount that succeeds must be inside the allowed roots; it is taken down at once."""
+        outcome = _call(client, "Mount", "asssa{sv}", low, upper, mountpoint, opts)
+        if outcome[0] == "ok":
+            mp = client.props(outcome[1][0])["Mountpoint"]
+            assert any(mp.startswith(r + "/") for r in DEFAULT_ALLOWED_ROOTS), mp
+            made.append(outcome[1][0])
+            client.unmount(outcome[1][0], lazy=True)
     counts = {"Mount": 0, "Unmount": 0, "Diff": 0, "ListMounts": 0}
 
     @FUZZ
@@ -156,12 +165,7 @@ def test_fuzz_every_method(daemon, client, arena):
     def one(method, low, upper, mountpoint, opts, obj):
         counts[method] += 1
         if method == "Mount":
-            outcome = _call(client, "Mount", "asssa{sv}", low, upper, mountpoint, opts)
-            if outcome[0] == "ok":
-                mp = client.props(outcome[1][0])["Mountpoint"]
-                assert any(mp.startswith(r + "/") for r in DEFAULT_ALLOWED_ROOTS), mp
-                made.append(outcome[1][0])
-                client.unmount(outcome[1][0], lazy=True)
+            mount_and_unmount(low, upper, mountpoint, opts)
         elif method == "Unmount":
             if obj in live:
                 opts = {**opts, "lazy": Variant("s", "yes")}  # a wrong type: the targets stay mounted
@@ -195,12 +199,7 @@ def test_fuzz_every_method(daemon, client, arena):
     )
     def near(low, upper, mountpoint, opts):
         counts["Mount"] += 1
-        outcome = _call(client, "Mount", "asssa{sv}", low, upper, mountpoint, opts)
-        if outcome[0] == "ok":
-            mp = client.props(outcome[1][0])["Mountpoint"]
-            assert any(mp.startswith(r + "/") for r in DEFAULT_ALLOWED_ROOTS), mp
-            made.append(outcome[1][0])
-            client.unmount(outcome[1][0], lazy=True)
+        mount_and_unmount(low, upper, mountpoint, opts)
 
     near()
     _assert_sane(client, daemon, before)

@@ -7,12 +7,13 @@ its API-compatible fork dbus-fast stays a change of the imports below.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from dbus_next import BusType, Message, MessageType, Variant
@@ -87,9 +88,16 @@ def _close_unclaimed_fds(msg: Message) -> None:
                 pass
 
 
-def _attached(fd: int | None) -> None:
-    if fd is None:
-        raise InvalidArgument("fd: the message carries no file descriptor for it")
+@contextlib.contextmanager
+def _owned(fd: int | None) -> Iterator[int]:
+    """The received descriptor, closed on every path; an index without one is refused."""
+    try:
+        if fd is None:
+            raise InvalidArgument("fd: the message carries no file descriptor for it")
+        yield fd
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def mount_path(mount_id: str) -> str:
@@ -273,25 +281,17 @@ class ManagerInterface(ServiceInterface):
     @method()
     @translated
     async def ExportDiff(self, mount: "o", fd: "h", options: "a{sv}") -> "t":
-        try:
-            _attached(fd)
+        with _owned(fd) as owned:
             caller = await self.service.caller()
-            result = await self.manager.export_diff(mount_id_of(mount), fd, caller, _unwrap_options(options))
-        finally:
-            if fd is not None:
-                os.close(fd)
+            result = await self.manager.export_diff(mount_id_of(mount), owned, caller, _unwrap_options(options))
         return result.bytes
 
     @method()
     @translated
     async def ImportLayer(self, fd: "h", destdir: "s", options: "a{sv}") -> "t":
-        try:
-            _attached(fd)
+        with _owned(fd) as owned:
             caller = await self.service.caller()
-            result = await self.manager.import_layer(fd, destdir, caller, _unwrap_options(options))
-        finally:
-            if fd is not None:
-                os.close(fd)
+            result = await self.manager.import_layer(owned, destdir, caller, _unwrap_options(options))
         return result.entries
 
     @method()
