@@ -292,6 +292,7 @@ def _hostile(outside: str) -> dict[str, bytes]:
     huge = info.tobuf(tarfile.PAX_FORMAT) + bytes(1024)
     pax = f("p")
     pax.pax_headers = {"comment": "x" * (2 << 20)}
+    negative = f("n", uid=-5)  # base-256 numbers: GNU tar writes them, negative ones too
     return {
         "dotdot": _tar((f("../escape"), b"x")),
         "dotdot-inner": _tar((f("a/../../escape"), b"x")),
@@ -316,6 +317,22 @@ def _hostile(outside: str) -> dict[str, bytes]:
         "long-component": _tar((f("n" * 300), b"")),
         "not-a-tar": b"this is not a tar archive\n" * 100,
         "truncated": _tar((f("a"), b"y" * 5000))[:2048],
+        # What the system calls cannot take (found by tests/test_fuzz.py): a NUL byte,
+        # ids and times out of range, xattrs the kernel refuses, tarfile's own ValueError.
+        "nul-in-name": _tar((f("a", pax_headers={"path": "a\0b"}), b"x")),
+        "nul-in-symlink-target": _tar((f("s", tarfile.SYMTYPE, pax_headers={"linkpath": "t\0u"}), b"")),
+        "nul-in-xattr-name": _tar((f("x", pax_headers={"SCHILY.xattr.user.a\0b": "v"}), b"x")),
+        "uid-out-of-range": _tar((f("u", pax_headers={"uid": str(1 << 40)}), b"x")),
+        "uid-negative": negative.tobuf(tarfile.GNU_FORMAT) + bytes(1024),
+        "mtime-out-of-range": _tar((f("m", pax_headers={"mtime": "9" * 20}), b"x")),
+        "dir-mtime-out-of-range": _tar((f("d", tarfile.DIRTYPE, pax_headers={"mtime": "-" + "9" * 20}), b"")),
+        "xattr-name-empty": _tar((f("x", pax_headers={"SCHILY.xattr.user.": "v"}), b"x")),
+        "xattr-name-too-long": _tar((f("x", pax_headers={"SCHILY.xattr.user." + "n" * 300: "v"}), b"x")),
+        "xattr-on-fifo": _tar((f("p", tarfile.FIFOTYPE, pax_headers={"SCHILY.xattr.user.a": "v"}), b"")),
+        "capability-garbage": _tar((f("c", pax_headers={"SCHILY.xattr.security.capability": "garbage"}), b"x")),
+        "gzip-header-truncated": b"\x1f\x8b\x08\x04" + bytes(6),
+        "bad-sparse-map": _tar((f("s", pax_headers={"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+                                                     "GNU.sparse.realsize": "10"}), b"garbage\n" * 10)),
     }
 
 
