@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -174,6 +175,14 @@ def test_errors(client, layers, tmp_path):
         (lambda: call_with_fd(client, "ExportDiff", "oha{sv}", [path, 0, {}], os.open(t / "image1/a", os.O_RDONLY)),
          "InvalidArgument", "reading only"),
         (lambda: client.call("ExportDiff", "oha{sv}", path, 0, {}), "InvalidArgument", "no file descriptor"),
+        (lambda: call_with_fd(client, "ExportDiff", "oha{sv}", [path, 0, {}], os.eventfd(0)),
+         "InvalidArgument", "not a file, a pipe"),
+        (lambda: call_with_fd(client, "ExportDiff", "oha{sv}", [path, 0, {}], socket.socket(socket.AF_UNIX).detach()),
+         "InvalidArgument", "stream of bytes"),
+        (lambda: call_with_fd(client, "ImportLayer", "hsa{sv}", [0, str(tmp_path / "dest"), {}],
+                              os.open(t / "image1/a", os.O_PATH)), "InvalidArgument", "O_PATH"),
+        (lambda: call_with_fd(client, "ImportLayer", "hsa{sv}", [0, str(tmp_path / "dest"), {}],
+                              socket.socket(socket.AF_UNIX).detach()), "InvalidArgument", "stream of bytes"),
         (lambda: commit(client, path, tmp_path / "full"), "InvalidArgument", "not empty"),
         (lambda: commit(client, path, t / "upper"), "InvalidArgument", "overlaps"),
         (lambda: commit(client, path, "relative"), "InvalidArgument", "relative"),
