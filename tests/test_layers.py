@@ -134,6 +134,40 @@ def test_export_streams_and_the_daemon_answers_meanwhile(client, layers):
         assert tf.extractfile("big").read() == (t / "upper/big").read_bytes()
 
 
+def test_streams_that_never_end_hold_neither_other_calls_nor_the_stop(client, layers, daemon, tmp_path):
+    """A caller may keep its end of the pipe open and silent for ever. More such imports
+    and exports than the event loop's worker threads must not delay a Diff or a Commit,
+    and the daemon still stops at once (found by tests/test_fuzz.py with an eventfd)."""
+    t = layers
+    path = client.mount([t / "image1"], t / "upper", t / "merge")
+    (t / "merge/f").write_text("f")
+    kept = []
+    for i in range(2 * (os.cpu_count() or 1) + 8):  # more than asyncio's default pool
+        r, w = os.pipe()
+        kept += [r, w]
+        if i % 2:
+            member, body, fd = "ExportDiff", [path, 0, {}], w  # nobody reads, after the pipe is full
+            (t / f"merge/big{i}").write_bytes(bytes(1 << 17))
+        else:
+            (tmp_path / f"dest{i}").mkdir()
+            member, body, fd = "ImportLayer", [0, str(tmp_path / f"dest{i}"), {}], r  # nobody writes
+        msg = Message(destination=constants.BUS_NAME, path=constants.MANAGER_PATH,
+                      interface=constants.MANAGER_INTERFACE, member=member,
+                      signature={"ExportDiff": "oha{sv}", "ImportLayer": "hsa{sv}"}[member], body=body, unix_fds=[fd])
+        asyncio.ensure_future(client.bus.call(msg), loop=client.loop)
+    client.pump(1)
+    started = time.monotonic()
+    assert ("A", "/f") in client.diff(path)
+    (tmp_path / "c").mkdir()
+    assert commit(client, path, tmp_path / "c") >= 1
+    assert time.monotonic() - started < 5, "Diff and Commit do not wait for the stuck streams"
+    started = time.monotonic()
+    assert daemon.stop() == 0
+    assert time.monotonic() - started < 5, "a stuck stream does not hold the daemon's stop"
+    for fd in kept:
+        os.close(fd)
+
+
 def test_gdbus_passes_the_fd(client, layers, bus, tmp_path):
     """busctl (systemd 252) refuses "h" arguments; gdbus call sends its own fd N for "@h N"."""
     t = layers
