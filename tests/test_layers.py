@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -132,6 +133,38 @@ def test_export_streams_and_the_daemon_answers_meanwhile(client, layers):
         assert tf.extractfile("big").read() == (t / "upper/big").read_bytes()
 
 
+def test_streams_that_never_end_hold_neither_other_calls_nor_the_stop(client, layers, daemon, tmp_path):
+    """A caller may keep its end of the pipe open and silent for ever. More such imports
+    and exports than the event loop's worker threads must not delay a Diff or a Commit,
+    and the daemon still stops at once (found by tests/test_fuzz.py with an eventfd)."""
+    t = layers
+    path = client.mount([t / "image1"], t / "upper", t / "merge")
+    (t / "merge/f").write_text("f")
+    kept = []
+    for i in range(2 * (os.cpu_count() or 1) + 8):  # more than asyncio's default pool
+        r, w = os.pipe()
+        kept += [r, w]
+        if i % 2:
+            member, body, fd = "ExportDiff", [path, 0, {}], w  # nobody reads, after the pipe is full
+            (t / f"merge/big{i}").write_bytes(bytes(1 << 17))
+        else:
+            (tmp_path / f"dest{i}").mkdir()
+            member, body, fd = "ImportLayer", [0, str(tmp_path / f"dest{i}"), {}], r  # nobody writes
+        msg = Message(destination=constants.BUS_NAME, path=constants.MANAGER_PATH,
+                      interface=constants.MANAGER_INTERFACE, member=member,
+                      signature={"ExportDiff": "oha{sv}", "ImportLayer": "hsa{sv}"}[member], body=body, unix_fds=[fd])
+        asyncio.ensure_future(client.bus.call(msg), loop=client.loop)
+    client.pump(1)
+    # The stuck streams never end: a Diff or Commit that waited for them would never
+    # answer (the client gives up after 60 s), and a stop that waited would not return.
+    assert ("A", "/f") in client.diff(path)
+    (tmp_path / "c").mkdir()
+    assert commit(client, path, tmp_path / "c") >= 1
+    assert daemon.stop() == 0
+    for fd in kept:
+        os.close(fd)
+
+
 def test_gdbus_passes_the_fd(client, layers, bus, tmp_path):
     """busctl (systemd 252) refuses "h" arguments; gdbus call sends its own fd N for "@h N"."""
     t = layers
@@ -173,6 +206,14 @@ def test_errors(client, layers, tmp_path):
         (lambda: call_with_fd(client, "ExportDiff", "oha{sv}", [path, 0, {}], os.open(t / "image1/a", os.O_RDONLY)),
          "InvalidArgument", "reading only"),
         (lambda: client.call("ExportDiff", "oha{sv}", path, 0, {}), "InvalidArgument", "no file descriptor"),
+        (lambda: call_with_fd(client, "ExportDiff", "oha{sv}", [path, 0, {}], os.eventfd(0)),
+         "InvalidArgument", "not a file, a pipe"),
+        (lambda: call_with_fd(client, "ExportDiff", "oha{sv}", [path, 0, {}], socket.socket(socket.AF_UNIX).detach()),
+         "InvalidArgument", "stream of bytes"),
+        (lambda: call_with_fd(client, "ImportLayer", "hsa{sv}", [0, str(tmp_path / "dest"), {}],
+                              os.open(t / "image1/a", os.O_PATH)), "InvalidArgument", "O_PATH"),
+        (lambda: call_with_fd(client, "ImportLayer", "hsa{sv}", [0, str(tmp_path / "dest"), {}],
+                              socket.socket(socket.AF_UNIX).detach()), "InvalidArgument", "stream of bytes"),
         (lambda: commit(client, path, tmp_path / "full"), "InvalidArgument", "not empty"),
         (lambda: commit(client, path, t / "upper"), "InvalidArgument", "overlaps"),
         (lambda: commit(client, path, "relative"), "InvalidArgument", "relative"),
@@ -291,6 +332,7 @@ def _hostile(outside: str) -> dict[str, bytes]:
     huge = info.tobuf(tarfile.PAX_FORMAT) + bytes(1024)
     pax = f("p")
     pax.pax_headers = {"comment": "x" * (2 << 20)}
+    negative = f("n", uid=-5)  # base-256 numbers: GNU tar writes them, negative ones too
     return {
         "dotdot": _tar((f("../escape"), b"x")),
         "dotdot-inner": _tar((f("a/../../escape"), b"x")),
@@ -315,6 +357,22 @@ def _hostile(outside: str) -> dict[str, bytes]:
         "long-component": _tar((f("n" * 300), b"")),
         "not-a-tar": b"this is not a tar archive\n" * 100,
         "truncated": _tar((f("a"), b"y" * 5000))[:2048],
+        # What the system calls cannot take (found by tests/test_fuzz.py): a NUL byte,
+        # ids and times out of range, xattrs the kernel refuses, tarfile's own ValueError.
+        "nul-in-name": _tar((f("a", pax_headers={"path": "a\0b"}), b"x")),
+        "nul-in-symlink-target": _tar((f("s", tarfile.SYMTYPE, pax_headers={"linkpath": "t\0u"}), b"")),
+        "nul-in-xattr-name": _tar((f("x", pax_headers={"SCHILY.xattr.user.a\0b": "v"}), b"x")),
+        "uid-out-of-range": _tar((f("u", pax_headers={"uid": str(1 << 40)}), b"x")),
+        "uid-negative": negative.tobuf(tarfile.GNU_FORMAT) + bytes(1024),
+        "mtime-out-of-range": _tar((f("m", pax_headers={"mtime": "9" * 20}), b"x")),
+        "dir-mtime-out-of-range": _tar((f("d", tarfile.DIRTYPE, pax_headers={"mtime": "-" + "9" * 20}), b"")),
+        "xattr-name-empty": _tar((f("x", pax_headers={"SCHILY.xattr.user.": "v"}), b"x")),
+        "xattr-name-too-long": _tar((f("x", pax_headers={"SCHILY.xattr.user." + "n" * 300: "v"}), b"x")),
+        "xattr-on-fifo": _tar((f("p", tarfile.FIFOTYPE, pax_headers={"SCHILY.xattr.user.a": "v"}), b"")),
+        "capability-garbage": _tar((f("c", pax_headers={"SCHILY.xattr.security.capability": "garbage"}), b"x")),
+        "gzip-header-truncated": b"\x1f\x8b\x08\x04" + bytes(6),
+        "bad-sparse-map": _tar((f("s", pax_headers={"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+                                                     "GNU.sparse.realsize": "10"}), b"garbage\n" * 10)),
     }
 
 

@@ -115,6 +115,18 @@ def check_destdir_empty(destdir: str) -> None:
             raise InvalidArgument(f"destdir {destdir!r} is not empty; give an empty directory")
 
 
+def _set_xattrs(target: int | str, xattrs: tuple[tuple[str, bytes], ...], follow_symlinks: bool = True) -> None:
+    for name, value in xattrs:
+        try:
+            os.setxattr(target, name, value, follow_symlinks=follow_symlinks)
+        except OSError as e:
+            # A name the kernel refuses ("user." alone, over 255 bytes), a value it
+            # refuses (security.capability), or user.* on a FIFO or device: the layer's.
+            if e.errno in (errno.EINVAL, errno.ERANGE, errno.E2BIG, errno.EPERM, errno.ENOTSUP):
+                raise InvalidArgument(f"xattr {name[:80]!r} cannot be set: {e.strerror}") from None
+            raise
+
+
 class Builder:
     """Creates a layer's entries below ``root``, which must start out empty.
 
@@ -180,8 +192,7 @@ class Builder:
     def _apply(fd: int, meta: Meta) -> None:
         os.chown(fd, meta.uid, meta.gid)
         os.chmod(fd, meta.mode)  # after chown, which clears set-id bits
-        for name, value in meta.xattrs:
-            os.setxattr(fd, name, value)
+        _set_xattrs(fd, meta.xattrs)
 
     def directory(self, rel: str, meta: Meta, opaque: bool = False, exists: bool = False,
                   implicit: set[str] | None = None) -> None:
@@ -233,9 +244,7 @@ class Builder:
         self.entries += 1
         os.chown(base, meta.uid, meta.gid, dir_fd=pfd, follow_symlinks=False)
         os.chmod(base, meta.mode, dir_fd=pfd)
-        path = f"/proc/self/fd/{pfd}/{base}"
-        for name, value in meta.xattrs:
-            os.setxattr(path, name, value, follow_symlinks=False)
+        _set_xattrs(f"/proc/self/fd/{pfd}/{base}", meta.xattrs, follow_symlinks=False)
         os.utime(base, ns=(meta.mtime_ns, meta.mtime_ns), dir_fd=pfd, follow_symlinks=False)
 
     def whiteout(self, rel: str, implicit: set[str] | None = None) -> None:

@@ -12,9 +12,23 @@ import os
 import select
 import stat
 
-from uniond.errors import Failed, InvalidArgument
+from uniond.errors import Failed, InvalidArgument, UniondError
 
 CHUNK = 1 << 20
+
+# What read(2) and write(2) answer for a descriptor that carries no byte stream: an
+# eventfd or epoll fd, an unconnected or listening socket, a datagram socket too small
+# for a piece of the layer, an O_PATH descriptor. The caller passed the wrong kind.
+_NOT_A_STREAM = {errno.EINVAL, errno.EBADF, errno.ENOTCONN, errno.EDESTADDRREQ, errno.EMSGSIZE,
+                 errno.EOPNOTSUPP, errno.EISDIR}
+
+
+def _stream_error(e: OSError, done: str) -> UniondError:
+    """One line for the caller, never a traceback: the fd is the caller's own."""
+    text = e.strerror or str(e)
+    if e.errno in _NOT_A_STREAM:
+        return InvalidArgument(f"fd: cannot be {done} as a stream of bytes ({text}); pass a file, a pipe or a socket")
+    return Failed(f"fd: the layer could not be {done}: {text}")
 
 
 def _wait(fd: int, events: int) -> None:
@@ -30,8 +44,12 @@ def check_fd(fd: int, writing: bool) -> None:
         st = os.fstat(fd)
     except OSError:
         raise InvalidArgument("fd: not an open file descriptor") from None
+    if flags & os.O_PATH:
+        raise InvalidArgument("fd: opened with O_PATH, so it can be neither read nor written")
     if stat.S_ISDIR(st.st_mode):
         raise InvalidArgument("fd: is a directory; pass a file or a pipe")
+    if not stat.S_IFMT(st.st_mode):  # an eventfd, epoll fd, timerfd, ...: no stream that ever ends
+        raise InvalidArgument("fd: is not a file, a pipe, a socket or a device; pass one of those")
     mode = flags & os.O_ACCMODE
     if writing and mode == os.O_RDONLY:
         raise InvalidArgument("fd: open for reading only; ExportDiff writes the layer to it")
@@ -64,6 +82,8 @@ class Sink:
                     continue
                 except BrokenPipeError:
                     raise Failed("the reader of the layer closed its end before the end") from None
+                except OSError as e:
+                    raise _stream_error(e, "written") from None
                 self.written += n
                 view = view[n:]
         finally:
@@ -88,7 +108,7 @@ class Sink:
             except OSError as e:
                 if e.errno in (errno.EINVAL, errno.ENOSYS) and not done:
                     return 0  # an fd sendfile cannot write to: the caller copies instead
-                raise
+                raise _stream_error(e, "written") from None
             if n == 0:
                 break
             done += n
@@ -109,3 +129,5 @@ class Source:
                 return os.read(self.fd, size)
             except BlockingIOError:
                 _wait(self.fd, select.POLLIN)
+            except OSError as e:
+                raise _stream_error(e, "read") from None

@@ -276,6 +276,8 @@ def _components(name: str, what: str = "name") -> list[str]:
     """A member name as path components below the layer's root; refuses escapes (E3)."""
     if name.startswith("/"):
         raise InvalidArgument(f"entry {name!r}: absolute {what}; a layer holds relative paths")
+    if "\0" in name:
+        raise InvalidArgument(f"entry {name!r}: a NUL byte in the {what}")
     if len(name.encode("utf-8", "surrogateescape")) > layerfs.PATH_MAX:
         raise InvalidArgument(f"entry {name[:64]!r}...: {what} longer than {layerfs.PATH_MAX} bytes")
     parts = []
@@ -299,11 +301,18 @@ def _mtime_ns(member: tarfile.TarInfo) -> int:
             ns = int((frac + "000000000")[:9]) if frac else 0
         except ValueError:
             raise InvalidArgument(f"entry {member.name!r}: bad PAX mtime {text!r}") from None
-        return seconds * 1_000_000_000 + (-ns if text.startswith("-") else ns)
-    return int(member.mtime) * 1_000_000_000
+        mtime_ns = seconds * 1_000_000_000 + (-ns if text.startswith("-") else ns)
+    else:
+        mtime_ns = int(member.mtime) * 1_000_000_000
+    if not -(1 << 63) <= mtime_ns // 1_000_000_000 < 1 << 63:  # time_t
+        raise InvalidArgument(f"entry {member.name!r}: mtime {mtime_ns // 1_000_000_000} s is out of range")
+    return mtime_ns
 
 
 def _meta(member: tarfile.TarInfo) -> Meta:
+    for what, value in (("uid", member.uid), ("gid", member.gid)):
+        if not 0 <= value < (1 << 32) - 1:  # (uid_t)-1 would mean "leave as it is"
+            raise InvalidArgument(f"entry {member.name!r}: {what} {value} is out of range")
     xattrs = []
     for key, value in member.pax_headers.items():
         if not key.startswith("SCHILY.xattr."):
@@ -408,8 +417,9 @@ class _Importer:
                 raise
             self.builder.finish_regular(fd, meta)
         elif member.issym():
-            if not member.linkname or len(member.linkname.encode("utf-8", "surrogateescape")) >= layerfs.PATH_MAX:
-                raise InvalidArgument(f"entry {rel!r}: empty or over-long symlink target")
+            target = member.linkname
+            if not target or "\0" in target or len(target.encode("utf-8", "surrogateescape")) >= layerfs.PATH_MAX:
+                raise InvalidArgument(f"entry {rel!r}: empty, over-long or NUL-holding symlink target")
             self.builder.symlink(rel, member.linkname, meta, self.implicit)
         elif member.islnk():
             target = "/".join(_components(member.linkname, "link target"))
@@ -425,6 +435,8 @@ class _Importer:
                 raise InvalidArgument(f"entry {rel!r}: a 0/0 device is overlay's whiteout; layers use .wh. names")
             if not self.devices:
                 raise InvalidArgument(f"entry {rel!r}: a device file; pass devices=true to allow them")
+            if not (0 <= member.devmajor < 1 << 12 and 0 <= member.devminor < 1 << 20):  # what mknod(2) takes
+                raise InvalidArgument(f"entry {rel!r}: device {member.devmajor}:{member.devminor} is out of range")
             kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
             self.builder.node(rel, kind, os.makedev(member.devmajor, member.devminor), meta, self.implicit)
         else:
@@ -442,7 +454,10 @@ def import_layer(fd: int, destdir: str, devices: bool = False) -> ImportResult:
     importer = _Importer(destdir, devices)
     try:
         try:
-            tf = tarfile.open(fileobj=Source(fd), mode="r|*", tarinfo=_Header, errorlevel=2)
+            try:
+                tf = tarfile.open(fileobj=Source(fd), mode="r|*", tarinfo=_Header, errorlevel=2)
+            except TypeError:  # tarfile reading a gzip header cut short: ord(b"")
+                raise tarfile.ReadError("truncated gzip header") from None
             with tf:
                 while (member := tf.next()) is not None:
                     importer.add(tf, member)
@@ -451,6 +466,10 @@ def import_layer(fd: int, destdir: str, devices: bool = False) -> ImportResult:
             raise InvalidArgument(f"not a readable layer tar: {e}") from None
         except UnicodeError as e:
             raise InvalidArgument(f"a name in the layer is not valid: {e}") from None
+        except (ValueError, OverflowError) as e:
+            # tarfile's own parsing (a bad sparse map, ...), or a name the system calls
+            # cannot take (a NUL byte in an xattr name): hostile like the rest.
+            raise InvalidArgument(f"the layer cannot be unpacked: {e}") from None
         except OSError as e:
             if e.errno in (errno.EEXIST, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG):
                 raise InvalidArgument(f"the layer cannot be unpacked: {e}") from None

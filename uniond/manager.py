@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import errno
 import logging
@@ -79,6 +80,35 @@ class _Plan:
     upper_parent: int | None  # where the daemon creates the workdir
     workdir: paths.OpenDir | None  # the caller's own workdir option
     mountpoint: paths.OpenDir | None  # None: the daemon makes one
+
+
+async def _own_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """``asyncio.to_thread`` for work on a caller's descriptor, which blocks for as long as
+    the caller likes (a pipe it keeps open and silent): in a daemon thread of its own, so
+    that it neither takes one of the event loop's few pooled workers, which Diff and
+    Commit need, nor keeps the daemon from exiting when it is stopped."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+    context = contextvars.copy_context()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+    def run() -> None:
+        try:
+            outcome = (context.run(fn, *args), None)
+        except Exception as e:
+            outcome = (None, e)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon stopped
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=run, name=f"uniond-{fn.__name__}", daemon=True).start()
+    return await future
 
 
 def _escape(path: str) -> str:
@@ -226,7 +256,7 @@ class MountManager:
         await self.authorize(caller, ACTION_EXPORT, opts, self.get(mount_id), compression=compression)
         with self._using(mount_id) as record, contextlib.ExitStack() as held:
             upper = self._upper_of(held, record)
-            result = await asyncio.to_thread(layertar.export_diff, upper, fd, compression, f"mount {mount_id}: export")
+            result = await _own_thread(layertar.export_diff, upper, fd, compression, f"mount {mount_id}: export")
         log.info("mount %s: exported %d entries, %d bytes (uid %d)", mount_id, result.entries, result.bytes, caller.uid)
         return result
 
@@ -242,7 +272,7 @@ class MountManager:
         await self.authorize(caller, ACTION_IMPORT, opts, destdir=canonical)
         with contextlib.ExitStack() as held:
             dest = self._destdir(held, canonical)
-            result = await asyncio.to_thread(layertar.import_layer, fd, f"/proc/self/fd/{dest.fd}/.", devices)
+            result = await _own_thread(layertar.import_layer, fd, f"/proc/self/fd/{dest.fd}/.", devices)
         log.info("imported a layer of %d entries into %s (uid %d)", result.entries, dest.path, caller.uid)
         return result
 
