@@ -26,6 +26,8 @@ _NOT_A_STREAM = {errno.EINVAL, errno.EBADF, errno.ENOTCONN, errno.EDESTADDRREQ, 
 def _stream_error(e: OSError, done: str) -> UniondError:
     """One line for the caller, never a traceback: the fd is the caller's own."""
     text = e.strerror or str(e)
+    if e.errno == errno.EPIPE:
+        return Failed("the reader of the layer closed its end before the end")
     if e.errno in _NOT_A_STREAM:
         return InvalidArgument(f"fd: cannot be {done} as a stream of bytes ({text}); pass a file, a pipe or a socket")
     return Failed(f"fd: the layer could not be {done}: {text}")
@@ -80,8 +82,6 @@ class Sink:
                 except BlockingIOError:
                     _wait(self.fd, select.POLLOUT)
                     continue
-                except BrokenPipeError:
-                    raise Failed("the reader of the layer closed its end before the end") from None
                 except OSError as e:
                     raise _stream_error(e, "written") from None
                 self.written += n
@@ -103,8 +103,6 @@ class Sink:
             except BlockingIOError:
                 _wait(self.fd, select.POLLOUT)
                 continue
-            except BrokenPipeError:
-                raise Failed("the reader of the layer closed its end before the end") from None
             except OSError as e:
                 if e.errno in (errno.EINVAL, errno.ENOSYS) and not done:
                     return 0  # an fd sendfile cannot write to: the caller copies instead
