@@ -18,7 +18,7 @@ import tempfile
 
 from _util import best_of, make_tree, require_private_namespace
 
-from uniond import diff
+from uniond.layers import diff
 
 
 def scandir_walk(path: str) -> int:

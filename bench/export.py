@@ -19,7 +19,7 @@ import tempfile
 
 from _util import best_of, make_tree, require_private_namespace
 
-from uniond import layertar
+from uniond.layers import tar as layertar
 
 
 def tar(upper: str) -> None:

@@ -24,7 +24,9 @@ import time
 from dbus_next import Message, MessageType
 from dbus_next.aio import MessageBus
 
-from uniond import constants, privatebus, syscalls
+from uniond import constants
+from uniond.kernel import syscalls
+from uniond.service import privatebus
 
 
 def raw_round_trip(lower2: str, lower1: str, upper: str, work: str, target: str) -> None:

@@ -20,7 +20,8 @@ from dbus_next import Message, MessageType, Variant
 from dbus_next.aio import MessageBus
 from dbus_next.errors import DBusError
 
-from uniond import constants, privatebus
+from uniond import constants
+from uniond.service import privatebus
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICY = ROOT / "dbus" / privatebus.POLICY_NAME

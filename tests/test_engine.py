@@ -9,9 +9,10 @@ import subprocess
 
 import pytest
 
-from uniond import diff, engine
-from uniond.records import MountRecord, MountSpec
-from uniond.state import StateStore
+from uniond.kernel import overlay as engine
+from uniond.layers import diff
+from uniond.mounts.journal import StateStore
+from uniond.mounts.records import MountRecord, MountSpec
 
 
 @pytest.fixture

@@ -38,9 +38,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_layers import _hostile
 
-from uniond import constants, layerfs, mountinfo
+from uniond import constants
+from uniond.access.paths import canonical
 from uniond.config import DEFAULT_ALLOWED_ROOTS
-from uniond.paths import canonical
+from uniond.kernel import mountinfo
+from uniond.layers import tree as layerfs
 
 # Hypothesis warns that a megabyte argument makes a long repr; that is the point here.
 pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")

@@ -430,7 +430,8 @@ def test_layer_edge_cases_round_trip(tmp_path):
 
     from views import view
 
-    from uniond import layertar, snapshot
+    from uniond.layers import snapshot
+    from uniond.layers import tar as layertar
 
     upper = tmp_path / "upper"
     upper.mkdir()
@@ -579,7 +580,7 @@ def test_devices_in_a_layer_are_roots_only(client, bus, polkit, user_dirs):
 def test_layers_written_by_gnu_tar_import_exactly(tmp_path, fmt):
     from views import view
 
-    from uniond import layertar
+    from uniond.layers import tar as layertar
 
     src = tmp_path / "src"
     (src / "dir/sub").mkdir(parents=True)

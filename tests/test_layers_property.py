@@ -31,8 +31,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from views import view, walk
 
-from uniond import diff, engine, layertar, snapshot
-from uniond.records import MountSpec
+from uniond.kernel import overlay as engine
+from uniond.layers import diff, snapshot
+from uniond.layers import tar as layertar
+from uniond.mounts.records import MountSpec
 
 LEVELS = (("a", "b", "c", "d", "e"), ("x", "y", "z"), ("p", "q"))
 PATHS = [

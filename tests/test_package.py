@@ -36,7 +36,7 @@ def field(deb, name: str) -> str:
 def test_files_land_in_debian_places(files):
     for path in [
         "/usr/bin/uniond",
-        "/usr/lib/python3/dist-packages/uniond/daemon.py",
+        "/usr/lib/python3/dist-packages/uniond/service/daemon.py",
         "/lib/systemd/system/uniond.service",
         "/usr/share/dbus-1/system.d/org.uniond1.conf",
         "/usr/share/dbus-1/system-services/org.uniond1.service",

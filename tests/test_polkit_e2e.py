@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -32,7 +33,8 @@ def results():
     (work / "e2e").mkdir()
     for name in os.listdir(HERE):
         shutil.copy(HERE / name, work / "e2e" / name)
-    (work / "e2e" / "env").write_text(f"SRC={ROOT}\n")
+    # The interpreter running the tests (the venv of ./dev test, UNIOND_VENV honoured).
+    (work / "e2e" / "env").write_text(f"SRC={ROOT}\nPY={sys.executable}\n")
     command = [
         "timeout", "180",
         "systemd-nspawn", "-D", "/", "--volatile=yes", "--boot", "--register=no", "--keep-unit",
@@ -42,6 +44,7 @@ def results():
         f"--bind={out}:/out",
         f"--bind-ro={work / 'e2e'}:/e2e",
         f"--bind-ro={ROOT}",
+        *([] if Path(sys.prefix).is_relative_to(ROOT) else [f"--bind-ro={sys.prefix}"]),
         f"--bind-ro={work / 'e2e' / 'probe.service'}:/etc/systemd/system/uniond-polkit-probe.service",
         "systemd.unit=uniond-polkit-probe.service",
     ]

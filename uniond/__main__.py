@@ -1,3 +1,3 @@
-from uniond.daemon import main
+from uniond.service.daemon import main
 
 raise SystemExit(main())

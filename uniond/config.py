@@ -7,11 +7,13 @@ start or reload instead of a silent default.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import tomllib
 from dataclasses import dataclass
 
-from uniond.logs import LEVELS
+# The words log_level accepts, as the logging module's levels.
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 DEFAULT_ALLOWED_ROOTS = ("/run/uniond", "/var/lib/uniond", "/srv", "/home", "/tmp", "/var/tmp", "/mnt", "/media")
 

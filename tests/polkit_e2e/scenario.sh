@@ -1,11 +1,12 @@
 #!/bin/sh
 # Runs as root inside the booted container: installs uniond's policy files, starts uniond
 # on the real system bus, and makes calls as uid 65534 that real polkitd decides.
-# SRC (the source tree, bound read-only at its host path) comes from /e2e/env.
+# SRC (the source tree, bound read-only at its host path) and PY (the tests' python)
+# come from /e2e/env.
 exec >/out/scenario.log 2>&1
 set -x
 . /e2e/env
-PY="$SRC/.venv/bin/python"
+PY="${PY:-$SRC/.venv/bin/python}"
 export PYTHONPATH="$SRC:$SRC/tests"
 cp "$SRC/dbus/org.uniond1.policy" /usr/share/polkit-1/actions/
 cp "$SRC/dbus/org.uniond1.conf" /usr/share/dbus-1/system.d/

@@ -16,7 +16,7 @@ import logging
 import os
 
 from uniond.errors import Failed
-from uniond.records import MountRecord
+from uniond.mounts.records import MountRecord
 
 log = logging.getLogger(__name__)
 

@@ -13,12 +13,25 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from uniond import mountinfo, syscalls
-from uniond.records import MountSpec
+from uniond.kernel import mountinfo, syscalls
 
 # M8: with these, the upper refers to nothing outside itself, so Diff can read it alone.
 _DIFFABLE_OPTIONS = (("redirect_dir", "off"), ("metacopy", "off"), ("index", "off"))
 _KERNEL_WORKDIR_ENTRIES = ("work", "index")  # what overlayfs creates in a workdir (M5)
+
+
+@dataclass(frozen=True)
+class MountSpec:
+    """Everything the kernel needs to make one overlay (or one-lower bind) mount."""
+
+    lowerdirs: tuple[str, ...]  # top-most first, as overlayfs' lowerdir=
+    upperdir: str  # "" = read-only mount
+    workdir: str  # "" when there is no upper
+    mountpoint: str
+    readonly: bool
+    volatile: bool = False
+    dev: bool = False  # device files honoured (root asked); nodev otherwise
+    suid: bool = False  # setuid bits honoured (root asked); nosuid otherwise
 
 
 @dataclass(frozen=True)

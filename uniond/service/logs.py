@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 import sys
 
+from uniond.config import LEVELS
+
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
-LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
 class PriorityFormatter(logging.Formatter):

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from uniond.caller import Caller
+from uniond.access.caller import Caller
 from uniond.errors import NotAuthorized, NotAuthorizedCanObtain, NotAuthorizedDismissed
 
 log = logging.getLogger(__name__)

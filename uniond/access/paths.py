@@ -15,10 +15,11 @@ import errno
 import os
 import stat
 from collections.abc import Iterable
+from contextlib import ExitStack
 from dataclasses import dataclass
 
-from uniond import syscalls
 from uniond.errors import Failed, InvalidArgument
+from uniond.kernel import syscalls
 
 PATH_MAX = 4096  # bytes, the kernel's limit for a path name
 
@@ -98,13 +99,6 @@ def _refusal(argument: str, given: str, real: str, e: OSError) -> InvalidArgumen
     return InvalidArgument(f"{argument}: {given!r} cannot be opened: {os.strerror(e.errno or errno.EIO)}")
 
 
-def existing_dir(argument: str, path: str) -> str:
-    """Return the canonical form of an absolute path naming an existing directory."""
-    handle = open_dir(argument, path)
-    handle.close()
-    return handle.path
-
-
 def check_placement(argument: str, path: str, allowed_roots: Iterable[str], own: Iterable[str]) -> None:
     """Mountpoints, uppers and workdirs only strictly below an allowed root, never in
     the system's trees or the daemon's own directories (``own``)."""
@@ -130,3 +124,36 @@ def refuse_nesting(named: dict[str, str]) -> None:
                 raise InvalidArgument(
                     f"{name_a} {a!r} and {name_b} {b!r} overlap; they must be separate directory trees"
                 )
+
+
+@dataclass(frozen=True)
+class Places:
+    """Where callers' directories may be, and the one way in for a caller's path.
+
+    The mounts room hands a caller's string here once and gets back an open directory
+    that has been checked for form, opened without symlinks and, where it will be
+    written or mounted on, placed below an allowed root; it never checks the string
+    again.
+    """
+
+    allowed_roots: tuple[str, ...]
+    own: tuple[str, ...]  # the daemon's own directories, never a caller's
+
+    @classmethod
+    def of(cls, allowed_roots: Iterable[str], own: Iterable[str]) -> Places:
+        return cls(tuple(os.path.realpath(r) for r in allowed_roots), tuple(os.path.realpath(d) for d in own))
+
+    def placed(self, argument: str, path: str) -> str:
+        """The canonical form of ``path`` if a caller may write or mount there."""
+        real = canonical(argument, path)
+        check_placement(argument, real, self.allowed_roots, self.own)
+        return real
+
+    def open(self, held: ExitStack, argument: str, path: str, *, placed: bool = False) -> OpenDir:
+        """Open a caller's directory for as long as ``held`` lasts; ``placed`` for one
+        the daemon will write to or mount on."""
+        handle = open_dir(argument, path)
+        held.callback(handle.close)
+        if placed:
+            check_placement(argument, handle.path, self.allowed_roots, self.own)
+        return handle

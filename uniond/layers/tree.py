@@ -15,8 +15,8 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from uniond import diff
 from uniond.errors import InvalidArgument
+from uniond.layers import diff
 
 # D6: what a layer carries of an entry's xattrs; overlay's own never leave the upper.
 EXPORTED_XATTR_PREFIXES = ("user.",)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import stat
 
-from uniond.caller import Caller
+from uniond.access.caller import Caller
 
 _R, _W, _X = 4, 2, 1
 

@@ -1,7 +1,8 @@
-"""What a mount is, as the daemon plans it and as it records it.
+"""What the daemon records of a mount.
 
-A MountSpec is everything the engine needs to make the mount; a MountRecord adds who
-asked and when, and is what the state journal keeps across crashes and reboots.
+A MountSpec (kernel room) is everything the kernel needs to make the mount; a
+MountRecord adds who asked and when, and is what the journal keeps across crashes and
+reboots.
 """
 
 from __future__ import annotations
@@ -9,17 +10,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from uniond.kernel.overlay import MountSpec
 
-@dataclass(frozen=True)
-class MountSpec:
-    lowerdirs: tuple[str, ...]  # top-most first, as overlayfs' lowerdir=
-    upperdir: str  # "" = read-only mount
-    workdir: str  # "" when there is no upper
-    mountpoint: str
-    readonly: bool
-    volatile: bool = False
-    dev: bool = False  # device files honoured (root asked); nodev otherwise
-    suid: bool = False  # setuid bits honoured (root asked); nosuid otherwise
+__all__ = ["MountRecord", "MountSpec"]
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ import os
 import stat
 from dataclasses import dataclass
 
-from uniond import layerfs
-from uniond.layerfs import Builder, Meta
-from uniond.layerio import CHUNK
+from uniond.layers import tree
+from uniond.layers.stream import CHUNK
+from uniond.layers.tree import Builder, Meta
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class CommitResult:
     fingerprint: bytes  # of the upper as the copy saw it; see fingerprint()
 
 
-def _stamp(digest, e: layerfs.UpperEntry) -> None:
+def _stamp(digest, e: tree.UpperEntry) -> None:
     st = e.st
     digest.update(b"%s\0%d %d %d %d %d %d %d %d\n" % (
         e.rel.encode("utf-8", "surrogateescape"), st.st_ino, st.st_mode, st.st_uid, st.st_gid,
@@ -36,7 +36,7 @@ def fingerprint(upperdir: str) -> bytes:
     change right after a stat visible), so two equal fingerprints taken around a copy
     prove that the copy is one state of the upper."""
     digest = hashlib.sha256()
-    for e in layerfs.walk_upper(upperdir) if upperdir else ():
+    for e in tree.walk_upper(upperdir) if upperdir else ():
         _stamp(digest, e)
     return digest.digest()
 
@@ -49,19 +49,19 @@ def commit(upperdir: str, destdir: str) -> CommitResult:
     caller holds the upper still, or it compares the result's fingerprint with a
     fingerprint() taken after.
     """
-    layerfs.check_destdir_empty(destdir)
+    tree.check_destdir_empty(destdir)
     builder = Builder(destdir)
     first_names: dict[tuple[int, int], str] = {}
     digest = hashlib.sha256()
     try:
-        for e in layerfs.walk_upper(upperdir) if upperdir else ():
+        for e in tree.walk_upper(upperdir) if upperdir else ():
             _stamp(digest, e)
             st = e.st
             mode = st.st_mode
             if e.whiteout:
                 builder.whiteout(e.rel)
                 continue
-            meta = Meta.of(st, layerfs.read_xattrs(e.path))
+            meta = Meta.of(st, tree.read_xattrs(e.path))
             if stat.S_ISDIR(mode):
                 builder.directory(e.rel, meta, opaque=e.opaque)
                 continue
@@ -86,7 +86,7 @@ def commit(upperdir: str, destdir: str) -> CommitResult:
         entries = builder.finish()
     except BaseException:
         builder.close()
-        layerfs.empty_directory(destdir)
+        tree.empty_directory(destdir)
         raise
     builder.close()
     return CommitResult(entries, digest.digest())

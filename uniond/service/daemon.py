@@ -17,12 +17,14 @@ import subprocess
 import time
 
 from uniond import config as config_mod
-from uniond import constants, logs, privatebus
-from uniond.bus import BusService
+from uniond import constants
 from uniond.errors import UniondError
-from uniond.manager import MountManager
-from uniond.notify import Notifier
-from uniond.state import StateStore
+from uniond.mounts.journal import StateStore
+from uniond.mounts.layerops import LayerOperations
+from uniond.mounts.manager import MountManager
+from uniond.service import logs, privatebus
+from uniond.service.bus import BusService
+from uniond.service.notify import Notifier
 
 log = logging.getLogger("uniond")
 
@@ -91,7 +93,7 @@ class Daemon:
             (time.monotonic() - started) * 1000, len(report.adopted), len(report.cleaned), len(report.kept),
         )
         self.notifier.status("connecting to the bus")
-        service = BusService(self.manager, self._bus_address())
+        service = BusService(self.manager, LayerOperations(self.manager), self._bus_address())
         await service.connect()
         self.manager.subscribe(self)
         for signum in (signal.SIGTERM, signal.SIGINT):

@@ -1,0 +1,184 @@
+"""Turning a Mount request into a checked plan: every directory open, every rule met.
+
+A plan holds the caller's directories open (through the access room, without
+symlinks) from the check until the mount, so what was checked is what gets mounted.
+The checks that depend on the daemon's own state (who uses which upper, workdir and
+mountpoint) are run again just before the mount, because authorization awaits and
+another call may have changed that state meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from uniond.access import paths, reach
+from uniond.access.caller import Caller
+from uniond.access.paths import OpenDir, Places
+from uniond.constants import OPTION_NO_USER_INTERACTION
+from uniond.errors import AlreadyMounted, InvalidArgument
+from uniond.kernel import mountinfo, syscalls
+from uniond.kernel import overlay as engine
+from uniond.mounts.records import MountRecord, MountSpec
+
+MAX_LOWERS = 500  # M1: the kernel stacks at most 500 lowers
+
+
+@dataclass(frozen=True)
+class MountRequest:
+    lowerdirs: tuple[str, ...]
+    upperdir: str
+    mountpoint: str
+    options: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A checked Mount: the record to write and the caller's directories, held open."""
+
+    record: MountRecord
+    lowers: tuple[OpenDir, ...]
+    upper: OpenDir | None
+    upper_parent: int | None  # where the daemon creates the workdir
+    workdir: OpenDir | None  # the caller's own workdir option
+    mountpoint: OpenDir | None  # None: the daemon makes one
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a plan is checked against: the daemon's places and the mounts it holds."""
+
+    places: Places
+    runtime_dir: str
+    boot_id: str
+    records: Iterable[MountRecord]
+
+
+def make(
+    request: MountRequest, opts: dict[str, Any], mount_id: str, owner: int, ctx: Context, held: contextlib.ExitStack
+) -> Plan:
+    # Every path is checked for form and size before any is opened.
+    for i, p in enumerate(request.lowerdirs):
+        paths.canonical(f"lowerdirs[{i}]", p)
+    for argument, p in (("upperdir", request.upperdir), ("mountpoint", request.mountpoint),
+                        ("workdir", opts.get("workdir"))):
+        if p:
+            paths.canonical(argument, p)
+    places = ctx.places
+    lowers = tuple(places.open(held, f"lowerdirs[{i}]", p) for i, p in enumerate(request.lowerdirs))
+    if len({h.path for h in lowers}) != len(lowers) or len({(h.st.st_dev, h.st.st_ino) for h in lowers}) != len(
+        lowers
+    ):
+        raise InvalidArgument("lowerdirs: the same directory is given twice")
+    readonly = opts.get("readonly", False)
+    volatile = opts.get("volatile", False)
+    named = {h.argument: h.path for h in lowers}
+    if volatile and (not request.upperdir or readonly):
+        raise InvalidArgument("volatile: only a writable mount (with an upperdir) can be volatile")
+
+    upper = upper_parent = workdir_handle = None
+    workdir, workdir_created = "", False
+    if request.upperdir:
+        upper = places.open(held, "upperdir", request.upperdir, placed=True)
+        named["upperdir"] = upper.path
+        if readonly and "workdir" in opts:
+            raise InvalidArgument("workdir: a read-only mount uses no workdir; drop the option")
+        if not readonly:
+            refuse_upper_in_use(upper.path, ctx.records)
+            if "workdir" in opts:
+                workdir_handle = places.open(held, "workdir", opts["workdir"], placed=True)
+                workdir = workdir_handle.path
+                check_workdir(workdir_handle, upper, ctx.records)
+            else:
+                parent = places.open(held, "upperdir", os.path.dirname(upper.path))
+                if parent.st.st_dev != upper.st.st_dev:
+                    raise InvalidArgument(
+                        f"upperdir {upper.path!r} is the root of a filesystem, so the workdir cannot go beside "
+                        "it; pass a 'workdir' option on the same filesystem"
+                    )
+                child = os.stat(os.path.basename(upper.path), dir_fd=parent.fd, follow_symlinks=False)
+                if (child.st_dev, child.st_ino) != (upper.st.st_dev, upper.st.st_ino):
+                    raise InvalidArgument(f"upperdir {upper.path!r} was moved while being checked; try again")
+                upper_parent = parent.fd
+                workdir = os.path.join(parent.path, f".{os.path.basename(upper.path)}.uniond-work-{mount_id}")
+                workdir_created = True
+            named["workdir"] = workdir
+
+    mountpoint_created = not request.mountpoint
+    mountpoint_handle = None
+    if mountpoint_created:
+        mountpoint = os.path.join(ctx.runtime_dir, "mounts", mount_id)
+    else:
+        mountpoint_handle = places.open(held, "mountpoint", request.mountpoint, placed=True)
+        mountpoint = mountpoint_handle.path
+        if syscalls.mount_identity("", mountpoint_handle.fd)[1]:
+            raise AlreadyMounted(f"mountpoint {mountpoint!r} is already a mount point; unmount it or pick another")
+        named["mountpoint"] = mountpoint
+    paths.refuse_nesting(named)
+
+    spec = MountSpec(
+        tuple(h.path for h in lowers), upper.path if upper else "", workdir, mountpoint,
+        readonly=readonly or not upper, volatile=volatile,
+        dev=opts.get("dev", False), suid=opts.get("suid", False),
+    )
+    record = MountRecord(
+        id=mount_id,
+        spec=spec,
+        owner=owner,
+        created_us=time.time_ns() // 1000,
+        boot_id=ctx.boot_id,
+        options={k: v for k, v in opts.items() if k != OPTION_NO_USER_INTERACTION},
+        description=opts.get("description", ""),
+        workdir_created=workdir_created,
+        mountpoint_created=mountpoint_created,
+    )
+    return Plan(record, lowers, upper, upper_parent, workdir_handle, mountpoint_handle)
+
+
+def reachable(plan: Plan, caller: Caller) -> bool:
+    """Could the caller read every lower and does it own the upper and mountpoint?"""
+    if not all(reach.can_read(caller, h.path, h.st) for h in plan.lowers):
+        return False
+    return all(reach.owns(caller, h.path, h.st) for h in (plan.upper, plan.workdir, plan.mountpoint) if h)
+
+
+def recheck(plan: Plan, records: Iterable[MountRecord]) -> None:
+    """What another call may have changed while this one awaited authorization."""
+    records = list(records)
+    spec = plan.record.spec
+    if spec.upperdir and not spec.readonly:
+        refuse_upper_in_use(spec.upperdir, records)
+        if plan.workdir is not None:
+            check_workdir(plan.workdir, plan.upper, records)
+    if plan.mountpoint is not None:
+        # The descriptor still names the directory underneath a mount made since, so
+        # ask the path and the record as well.
+        taken = any(r.spec.mountpoint == spec.mountpoint for r in records)
+        if taken or engine.is_mount_root(spec.mountpoint):
+            raise AlreadyMounted(f"mountpoint {spec.mountpoint!r} was mounted on meanwhile; pick another")
+
+
+def refuse_upper_in_use(upper: str, records: Iterable[MountRecord]) -> None:
+    """M7: two overlays sharing an upper give undefined results."""
+    for record in records:
+        if record.spec.upperdir == upper and not record.spec.readonly:
+            raise InvalidArgument(f"upperdir {upper!r} is already the upper of mount {record.id}")
+    for entry in mountinfo.read(fstype="overlay"):
+        if upper in entry.option_values("upperdir"):
+            raise InvalidArgument(f"upperdir {upper!r} is already in use by the overlay at {entry.mountpoint}")
+
+
+def check_workdir(workdir: OpenDir, upper: OpenDir | None, records: Iterable[MountRecord]) -> None:
+    assert upper is not None
+    if workdir.st.st_dev != upper.st.st_dev:
+        raise InvalidArgument(f"workdir {workdir.path!r} must be on the same filesystem as upperdir {upper.path!r}")
+    leftovers = set(os.listdir(f"/proc/self/fd/{workdir.fd}")) - {"work", "index"}
+    if leftovers:
+        raise InvalidArgument(f"workdir {workdir.path!r} must be empty; it holds {sorted(leftovers)[:3]}")
+    for record in records:
+        if record.spec.workdir == workdir.path:
+            raise InvalidArgument(f"workdir {workdir.path!r} is already the workdir of mount {record.id}")

@@ -1,0 +1,204 @@
+"""The connection to the bus: owning the name, exporting objects, and the peers uniond
+asks (the bus itself for who calls, polkit for what they may do).
+
+The service room is the only one that imports the D-Bus library (dbus-next; an
+import-linter contract keeps it so), so swapping it for its API-compatible fork
+dbus-fast stays a change of imports here and in interfaces.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+from dbus_next import BusType, Message, MessageType, Variant
+from dbus_next.aio import MessageBus
+from dbus_next.constants import NameFlag, RequestNameReply
+from dbus_next.errors import DBusError
+from dbus_next.service import ServiceInterface
+
+from uniond import constants
+from uniond.access.caller import Caller
+from uniond.access.polkit import Authority, PolkitAbsent, PolkitAnswer, PolkitFailed
+from uniond.errors import Failed
+from uniond.mounts.layerops import LayerOperations
+from uniond.mounts.manager import MountManager
+from uniond.mounts.records import MountRecord
+from uniond.service.interfaces import ManagerInterface, MountInterface, close_unclaimed_fds, mount_path
+
+log = logging.getLogger(__name__)
+
+# dbus-next gives a method no access to its message; a message handler that runs first
+# stores the sender here, and the method (run in a copy of this context) reads it.
+_sender: contextvars.ContextVar[str] = contextvars.ContextVar("sender", default="")
+
+# The bus answers such errors when nobody owns (and nothing activates) polkit's name.
+_NO_SUCH_NAME = {"org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner"}
+_PEER_TIMEOUT = 25.0  # dbus-next calls have no timeout of their own
+
+
+def _ignore_replied_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """dbus-next sends a DBusError raised by an async method as the reply, then lets it
+    escape to the event loop as well; it was answered, so it is not logged twice."""
+    if isinstance(context.get("exception"), DBusError):
+        return
+    loop.default_exception_handler(context)
+
+
+class _Bus(MessageBus):
+    """dbus-next declares org.freedesktop.DBus.ObjectManager on every path and answers
+    GetManagedObjects itself, but sends InterfacesAdded/Removed from the object's own
+    path; the specification (and GDBus clients) expect them from the manager's."""
+
+    def _emit_interface_added(self, path, interface):
+        if self._disconnected or not path.startswith(constants.MOUNT_PATH_PREFIX + "/"):
+            return
+        values = {
+            prop.name: Variant(prop.signature, getattr(interface, prop.prop_getter.__name__))
+            for prop in ServiceInterface._get_properties(interface)
+        }
+        self.send(
+            Message.new_signal(
+                constants.MANAGER_PATH,
+                constants.OBJECT_MANAGER_INTERFACE,
+                "InterfacesAdded",
+                "oa{sa{sv}}",
+                [path, {interface.name: values}],
+            )
+        )
+
+    def _emit_interface_removed(self, path, removed_interfaces):
+        if self._disconnected or not path.startswith(constants.MOUNT_PATH_PREFIX + "/"):
+            return
+        self.send(
+            Message.new_signal(
+                constants.MANAGER_PATH,
+                constants.OBJECT_MANAGER_INTERFACE,
+                "InterfacesRemoved",
+                "oas",
+                [path, removed_interfaces],
+            )
+        )
+
+
+class BusService:
+    """Connects to the bus, exports the objects and keeps them in step with the manager."""
+
+    def __init__(self, manager: MountManager, layers: LayerOperations, address: str | None) -> None:
+        self.manager = manager
+        self.layers = layers
+        self.address = address
+        self.bus: MessageBus | None = None
+        self.interface = ManagerInterface(self)
+        self._callers: OrderedDict[str, Caller] = OrderedDict()  # unique names are never reused
+        manager.authority = Authority(self)
+
+    async def connect(self) -> None:
+        if self.address:
+            self.bus = _Bus(bus_address=self.address, negotiate_unix_fd=True)
+        else:
+            self.bus = _Bus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
+        await self.bus.connect()
+        asyncio.get_running_loop().set_exception_handler(_ignore_replied_errors)
+        self.bus.add_message_handler(close_unclaimed_fds)
+        self.bus.add_message_handler(self._remember_sender)
+        self.bus.export(constants.MANAGER_PATH, self.interface)
+        for record in self.manager.list():
+            self.mount_added(record, announce=False)
+        self.manager.subscribe(self)
+        reply = await self.bus.request_name(constants.BUS_NAME, NameFlag.DO_NOT_QUEUE)
+        if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+            raise Failed(f"could not own {constants.BUS_NAME} ({reply.name}): is another uniond running?")
+
+    async def wait_for_disconnect(self) -> None:
+        assert self.bus is not None
+        await self.bus.wait_for_disconnect()
+
+    def disconnect(self) -> None:
+        if self.bus is not None:
+            self.bus.disconnect()
+
+    @staticmethod
+    def _remember_sender(msg: Message) -> None:
+        if msg.message_type == MessageType.METHOD_CALL:
+            _sender.set(msg.sender or "")
+
+    async def _call_bus(self, member: str, signature: str, body: list[Any]) -> Message:
+        assert self.bus is not None
+        return await self.bus.call(
+            Message(
+                destination="org.freedesktop.DBus",
+                path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus",
+                member=member,
+                signature=signature,
+                body=body,
+            )
+        )
+
+    async def caller(self) -> Caller:
+        """Who is calling, asked of the bus, never of the caller."""
+        sender = _sender.get()
+        if sender in self._callers:
+            return self._callers[sender]
+        reply = await asyncio.wait_for(self._call_bus("GetConnectionCredentials", "s", [sender]), _PEER_TIMEOUT)
+        if reply is None or reply.message_type != MessageType.METHOD_RETURN:
+            raise Failed(f"the bus did not say who the caller {sender!r} is")
+        credentials = {key: v.value for key, v in reply.body[0].items()}
+        if "UnixUserID" not in credentials:
+            raise Failed(f"the bus gave no uid for the caller {sender!r}")
+        caller = Caller(
+            uid=int(credentials["UnixUserID"]),
+            pid=int(credentials.get("ProcessID", 0)),
+            bus_name=sender,
+            gids=tuple(int(g) for g in credentials.get("UnixGroupIDs", ())),
+        )
+        self._callers[sender] = caller
+        if len(self._callers) > 1024:
+            self._callers.popitem(last=False)
+        return caller
+
+    # PolkitPeer: the D-Bus half of uniond.polkit.
+    async def check_authorization(
+        self, bus_name: str, action: str, details: Mapping[str, str], flags: int
+    ) -> PolkitAnswer:
+        assert self.bus is not None
+        reply = await self.bus.call(
+            Message(
+                destination=constants.POLKIT_BUS_NAME,
+                path=constants.POLKIT_PATH,
+                interface=constants.POLKIT_INTERFACE,
+                member="CheckAuthorization",
+                signature="(sa{sv})sa{ss}us",
+                body=[["system-bus-name", {"name": Variant("s", bus_name)}], action, dict(details), flags, ""],
+            )
+        )
+        if reply.message_type == MessageType.ERROR:
+            if reply.error_name in _NO_SUCH_NAME:
+                raise PolkitAbsent(reply.error_name)
+            text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
+            raise PolkitFailed(f"{reply.error_name}: {text}")
+        authorized, challenge, answer_details = reply.body[0]
+        return PolkitAnswer(bool(authorized), bool(challenge), dict(answer_details))
+
+    async def is_connected(self, bus_name: str) -> bool:
+        reply = await self._call_bus("NameHasOwner", "s", [bus_name])
+        return reply.message_type == MessageType.METHOD_RETURN and bool(reply.body[0])
+
+    # MountListener: keep the bus view equal to the manager's before a call returns (U3).
+    def mount_added(self, record: MountRecord, announce: bool = True) -> None:
+        assert self.bus is not None
+        path = mount_path(record.id)
+        self.bus.export(path, MountInterface(record))
+        if announce:
+            self.interface.MountAdded(path, record.spec.mountpoint)
+
+    def mount_removed(self, record: MountRecord) -> None:
+        assert self.bus is not None
+        path = mount_path(record.id)
+        self.bus.unexport(path)
+        self.interface.MountRemoved(path, record.spec.mountpoint)

@@ -1,0 +1,267 @@
+"""The two interfaces uniond exports, as dbus-next service classes, and the rules of
+translation: options in, values and errors out.
+
+Each method asks who calls, hands plain values to the manager (or the layer
+operations) and turns the answer into the contract's types; a UniondError leaves under
+its own D-Bus name, anything else as a one-line Failed, never a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from dbus_next import Message, MessageType, Variant
+from dbus_next.constants import PropertyAccess
+from dbus_next.errors import DBusError
+from dbus_next.service import ServiceInterface, dbus_property, method, signal
+
+from uniond import constants
+from uniond.errors import Failed, InvalidArgument, NotFound, UniondError
+from uniond.mounts.manager import MountRequest
+from uniond.mounts.options import ForeignValue
+from uniond.mounts.records import MountRecord
+
+if TYPE_CHECKING:
+    from uniond.service.bus import BusService
+
+log = logging.getLogger("uniond.service.bus")
+
+_PLAIN_SIGNATURES = {"b", "s", "t", "u", "i", "x", "n", "q", "y", "d", "as"}
+
+
+def _unwrap_options(raw: dict[str, Variant]) -> dict[str, Any]:
+    """Variants to Python values; types no option uses stay recognisably foreign."""
+    return {
+        key: v.value if v.signature in _PLAIN_SIGNATURES else ForeignValue(v.signature)
+        for key, v in raw.items()
+    }
+
+
+def _wrap(value: Any) -> Variant:
+    if isinstance(value, bool):
+        return Variant("b", value)
+    if isinstance(value, int):
+        return Variant("t", value)
+    return Variant("s", str(value))
+
+
+# Where each method taking a descriptor has it: (member, signature) -> argument position.
+_FD_ARGUMENTS = {("ExportDiff", "oha{sv}"): 1, ("ImportLayer", "hsa{sv}"): 0}
+
+
+def close_unclaimed_fds(msg: Message) -> None:
+    """dbus-next never closes the descriptors that come with a message, and any caller
+    may attach some to any call: keep only the one a layer method takes (and closes
+    itself), close the others now, so that no caller can exhaust the daemon's fds."""
+    if not msg.unix_fds:
+        return
+    keep = None
+    if (
+        msg.message_type == MessageType.METHOD_CALL
+        and msg.path == constants.MANAGER_PATH
+        and msg.interface in (None, constants.MANAGER_INTERFACE)
+    ):
+        position = _FD_ARGUMENTS.get((msg.member, msg.signature))
+        if position is not None and len(msg.body) > position:
+            index = msg.body[position]
+            if isinstance(index, int) and 0 <= index < len(msg.unix_fds):
+                keep = index
+    for index, fd in enumerate(msg.unix_fds):
+        if index != keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+@contextlib.contextmanager
+def _owned(fd: int | None) -> Iterator[int]:
+    """The received descriptor, closed on every path; an index without one is refused."""
+    try:
+        if fd is None:
+            raise InvalidArgument("fd: the message carries no file descriptor for it")
+        yield fd
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def mount_path(mount_id: str) -> str:
+    return f"{constants.MOUNT_PATH_PREFIX}/{mount_id}"
+
+
+def mount_id_of(path: str) -> str:
+    prefix = constants.MOUNT_PATH_PREFIX + "/"
+    if not path.startswith(prefix) or "/" in path[len(prefix) :]:
+        raise NotFound(f"{path!r} is not a uniond mount object; ListMounts gives valid paths")
+    return path[len(prefix) :]
+
+
+def translated(fn):
+    """Send UniondErrors under their own names and anything else as one-line Failed.
+
+    dbus-next would otherwise send a Python traceback to the caller.
+    """
+
+    @functools.wraps(fn)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await fn(*args, **kwargs)
+        except UniondError as e:
+            log.info("%s refused: %s", fn.__name__, e)
+            raise DBusError(e.dbus_name, str(e)) from None
+        except DBusError:
+            raise
+        except Exception as e:
+            log.exception("%s failed", fn.__name__)
+            text = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DBusError(Failed.dbus_name, f"{fn.__name__} failed: {text}") from None
+
+    return wrapper
+
+
+def _name_arguments(interface: ServiceInterface, names: dict[str, list[str]]) -> None:
+    """dbus-next leaves results and signal arguments unnamed; the contract names them."""
+    members = [*ServiceInterface._get_methods(interface), *ServiceInterface._get_signals(interface)]
+    for member in members:
+        intro = member.introspection
+        args = intro.out_args if hasattr(intro, "out_args") else intro.args
+        for arg, name in zip(args, names.get(member.name, []), strict=False):
+            arg.name = name
+
+
+class MountInterface(ServiceInterface):
+    """org.uniond1.Mount: one object per mount, all properties read-only."""
+
+    def __init__(self, record: MountRecord) -> None:
+        super().__init__(constants.MOUNT_INTERFACE)
+        self.record = record
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Id(self) -> "s":
+        return self.record.id
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Mountpoint(self) -> "s":
+        return self.record.spec.mountpoint
+
+    @dbus_property(access=PropertyAccess.READ)
+    def LowerDirs(self) -> "as":
+        return list(self.record.spec.lowerdirs)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def UpperDir(self) -> "s":
+        return self.record.spec.upperdir
+
+    @dbus_property(access=PropertyAccess.READ)
+    def WorkDir(self) -> "s":
+        return self.record.spec.workdir
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ReadOnly(self) -> "b":
+        return self.record.spec.readonly
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Owner(self) -> "u":
+        return self.record.owner
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Created(self) -> "t":
+        return self.record.created_us
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Options(self) -> "a{sv}":
+        return {key: _wrap(value) for key, value in self.record.options.items()}
+
+
+class ManagerInterface(ServiceInterface):
+    """org.uniond1.Manager: the methods callers use."""
+
+    def __init__(self, service: BusService) -> None:
+        super().__init__(constants.MANAGER_INTERFACE)
+        self.service = service
+        self.manager = service.manager
+        self.layers = service.layers
+        _name_arguments(
+            self,
+            {
+                "Mount": ["mount"],
+                "Diff": ["changes"],
+                "ExportDiff": ["bytes"],
+                "ImportLayer": ["entries"],
+                "Commit": ["entries"],
+                "ListMounts": ["mounts"],
+                "MountAdded": ["mount", "mountpoint"],
+                "MountRemoved": ["mount", "mountpoint"],
+            },
+        )
+
+    @method()
+    @translated
+    async def Mount(self, lowerdirs: "as", upperdir: "s", mountpoint: "s", options: "a{sv}") -> "o":
+        caller = await self.service.caller()
+        request = MountRequest(tuple(lowerdirs), upperdir, mountpoint, _unwrap_options(options))
+        record = await self.manager.mount(request, caller)
+        return mount_path(record.id)
+
+    @method()
+    @translated
+    async def Unmount(self, mount: "o", options: "a{sv}"):
+        caller = await self.service.caller()
+        await self.manager.unmount(mount_id_of(mount), caller, _unwrap_options(options))
+
+    @method()
+    @translated
+    async def Diff(self, mount: "o", options: "a{sv}") -> "a(ss)":
+        caller = await self.service.caller()
+        changes = await self.layers.diff(mount_id_of(mount), caller, _unwrap_options(options))
+        return [list(c) for c in changes]  # dbus-next wants a struct as a list
+
+    # dbus-next hands an "h" argument over as the received descriptor itself and never
+    # closes it: the method owns it and closes it on every path. An index with no
+    # descriptor attached arrives as None.
+
+    @method()
+    @translated
+    async def ExportDiff(self, mount: "o", fd: "h", options: "a{sv}") -> "t":
+        with _owned(fd) as owned:
+            caller = await self.service.caller()
+            result = await self.layers.export_diff(mount_id_of(mount), owned, caller, _unwrap_options(options))
+        return result.bytes
+
+    @method()
+    @translated
+    async def ImportLayer(self, fd: "h", destdir: "s", options: "a{sv}") -> "t":
+        with _owned(fd) as owned:
+            caller = await self.service.caller()
+            result = await self.layers.import_layer(owned, destdir, caller, _unwrap_options(options))
+        return result.entries
+
+    @method()
+    @translated
+    async def Commit(self, mount: "o", destdir: "s", options: "a{sv}") -> "t":
+        caller = await self.service.caller()
+        result = await self.layers.commit(mount_id_of(mount), destdir, caller, _unwrap_options(options))
+        return result.entries
+
+    @method()
+    @translated
+    async def ListMounts(self) -> "ao":
+        return [mount_path(r.id) for r in self.manager.list()]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Version(self) -> "s":
+        return constants.VERSION
+
+    @signal()
+    def MountAdded(self, mount: str, mountpoint: str) -> "os":
+        return [mount, mountpoint]
+
+    @signal()
+    def MountRemoved(self, mount: str, mountpoint: str) -> "os":
+        return [mount, mountpoint]
