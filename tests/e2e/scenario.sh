@@ -68,6 +68,9 @@ grep -c " $S/merge " /proc/1/mountinfo > "$OUT/visible-pid1"
 systemd-run --wait --pipe --quiet cat $S/merge/a $S/merge/c > "$OUT/visible-unit" 2>&1
 rm $S/merge/a; echo new > $S/merge/d
 call Diff 'oa{sv}' "$A" 0 > "$OUT/diff.json"
+# The packaged unionctl (Debian's python3-click and python3-tqdm) on the same mount.
+unionctl status --json > "$OUT/unionctl-status.json" 2>&1
+unionctl diff --json $S/merge/d > "$OUT/unionctl-diff.json" 2>&1
 
 step busy
 # A process of another user holds the mount: uniond names it (reading another user's

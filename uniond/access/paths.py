@@ -110,7 +110,7 @@ def check_placement(argument: str, path: str, allowed_roots: Iterable[str], own:
     roots = list(allowed_roots)
     if not any(inside(path, root) and path != root for root in roots):
         raise InvalidArgument(
-            f"{argument}: {path!r} is not below any allowed root ({', '.join(roots) or 'none configured'}); "
+            f"{argument}: {path!r} is not strictly below any allowed root ({', '.join(roots) or 'none configured'}); "
             "see allowed_roots in the configuration"
         )
 

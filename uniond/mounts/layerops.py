@@ -137,6 +137,7 @@ class LayerOperations:
         compression = opts.get("compression", "none")
         if compression not in layertar.COMPRESSIONS:
             raise InvalidArgument(f"compression: {compression!r} is not one of {', '.join(layertar.COMPRESSIONS)}")
+        _require_upper("ExportDiff", self.manager.get(mount_id))
         await self.manager.authorize(
             caller, ACTION_EXPORT, opts, self.manager.get(mount_id), compression=compression
         )
@@ -165,6 +166,7 @@ class LayerOperations:
         self, mount_id: str, destdir: str, caller: Caller, opts: dict[str, Any]
     ) -> snapshot.CommitResult:
         opts = options.check("Commit", opts, options.COMMIT_OPTIONS)
+        _require_upper("Commit", self.manager.get(mount_id))
         canonical = self._places.placed("destdir", destdir)
         await self.manager.authorize(caller, ACTION_COMMIT, opts, self.manager.get(mount_id), destdir=canonical)
         with self._using(mount_id) as record, contextlib.ExitStack() as held:
@@ -173,6 +175,16 @@ class LayerOperations:
             result = await asyncio.to_thread(_commit, record, upper, f"/proc/self/fd/{dest.fd}/.")
         log.info("mount %s: committed %d entries into %s (uid %d)", mount_id, result.entries, dest.path, caller.uid)
         return result
+
+
+def _require_upper(method: str, record: MountRecord) -> None:
+    """A read-only view has no upper, so no changes to make a layer of: an empty tar or
+    an empty destdir would pass for a layer with nothing in it."""
+    if not record.spec.upperdir:
+        raise InvalidArgument(
+            f"{method}: mount {record.id} has no upper (it is a read-only view of its lowers), so it has "
+            "no changes to make a layer of; mount with an upperdir to record changes"
+        )
 
 
 def _commit(record: MountRecord, upper: str, dest: str) -> snapshot.CommitResult:

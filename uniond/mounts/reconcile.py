@@ -92,19 +92,26 @@ def is_ours(record: MountRecord, entry: mountinfo.MountEntry) -> bool:
 def cleanup(store: StateStore, record: MountRecord) -> bool:
     """Remove what the daemon made for a mount that is gone; False if it must be retried."""
     spec = record.spec
+    done: list[str] = []
     try:
         if spec.workdir:
             engine.clear_workdir(spec.workdir, remove_dir=record.workdir_created)
+            done.append(f"{'removed' if record.workdir_created else 'emptied'} the workdir {spec.workdir}")
         if record.mountpoint_created and os.path.isdir(spec.mountpoint):
             if engine.is_mount_root(spec.mountpoint):
                 raise OSError(errno.EBUSY, f"{spec.mountpoint} is still a mount point")
             os.rmdir(spec.mountpoint)
+            done.append(f"removed the mountpoint {spec.mountpoint} it had made")
     except OSError as e:
         log.warning("mount %s: cleanup failed, will retry at next start: %s", record.id, e)
         return False
     if spec.volatile:
         # M6: after a crash the upper of a volatile mount may be incomplete.
         log.warning("mount %s: was volatile; its upper %s may be inconsistent", record.id, spec.upperdir)
-    log.info("mount %s: gone; cleaned its workdir and daemon-made mountpoint", record.id)
+    if not record.mountpoint_created:
+        done.append(f"left the caller's mountpoint {spec.mountpoint}")
+    # Say what was done: "cleaned its daemon-made mountpoint" for the caller's own
+    # directory would send a reader looking for a deletion that never happened.
+    log.info("mount %s: gone; %s", record.id, "; ".join(done) or "nothing to clean")
     store.drop(record.id)
     return True

@@ -28,7 +28,14 @@ from uniond.errors import Failed
 from uniond.mounts.layerops import LayerOperations
 from uniond.mounts.manager import MountManager
 from uniond.mounts.records import MountRecord
-from uniond.service.interfaces import ManagerInterface, MountInterface, close_unclaimed_fds, mount_path
+from uniond.service import privatebus
+from uniond.service.interfaces import (
+    ManagerInterface,
+    MountInterface,
+    close_unclaimed_fds,
+    mount_path,
+    signature_helper,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +54,16 @@ def _ignore_replied_errors(loop: asyncio.AbstractEventLoop, context: dict[str, A
     if isinstance(context.get("exception"), DBusError):
         return
     loop.default_exception_handler(context)
+
+
+class NameNotAllowed(Failed):
+    """The bus policy refuses uniond its name: uniond's policy file is not installed.
+
+    uniond never falls back to a private bus by itself: under systemd that would hide a
+    broken install behind a daemon nobody can reach.
+    """
+
+    exit_code = 77  # EX_NOPERM; ./dev run reads it to run on its private bus instead
 
 
 class _Bus(MessageBus):
@@ -106,11 +123,22 @@ class BusService:
         asyncio.get_running_loop().set_exception_handler(_ignore_replied_errors)
         self.bus.add_message_handler(close_unclaimed_fds)
         self.bus.add_message_handler(self._remember_sender)
+        self.bus.add_message_handler(signature_helper(self.interface, constants.MANAGER_PATH))
         self.bus.export(constants.MANAGER_PATH, self.interface)
         for record in self.manager.list():
             self.mount_added(record, announce=False)
         self.manager.subscribe(self)
-        reply = await self.bus.request_name(constants.BUS_NAME, NameFlag.DO_NOT_QUEUE)
+        try:
+            reply = await self.bus.request_name(constants.BUS_NAME, NameFlag.DO_NOT_QUEUE)
+        except DBusError as e:
+            if e.type != "org.freedesktop.DBus.Error.AccessDenied":
+                raise Failed(f"could not own {constants.BUS_NAME}: {e.type}: {e.text}") from None
+            raise NameNotAllowed(
+                f"the bus does not let uniond own {constants.BUS_NAME}: its policy file "
+                f"{privatebus.POLICY_NAME} is not installed; install it (apt-get install ./uniond_*.deb, or "
+                f"install -m644 dbus/{privatebus.POLICY_NAME} /etc/dbus-1/system.d/) and reload the bus "
+                "(systemctl reload dbus), or run with --bus private"
+            ) from None
         if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
             raise Failed(f"could not own {constants.BUS_NAME} ({reply.name}): is another uniond running?")
 

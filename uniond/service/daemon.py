@@ -23,7 +23,7 @@ from uniond.mounts.journal import StateStore
 from uniond.mounts.layerops import LayerOperations
 from uniond.mounts.manager import MountManager
 from uniond.service import logs, privatebus
-from uniond.service.bus import BusService
+from uniond.service.bus import BusService, NameNotAllowed
 from uniond.service.notify import Notifier
 
 log = logging.getLogger("uniond")
@@ -178,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         return 78  # EX_CONFIG
     try:
         return asyncio.run(daemon.run())
+    except NameNotAllowed as e:
+        log.error("%s", e)
+        return NameNotAllowed.exit_code
     except UniondError as e:
         log.error("%s", e)
         return 1

@@ -12,7 +12,7 @@ import contextlib
 import functools
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from dbus_next import Message, MessageType, Variant
@@ -77,6 +77,28 @@ def close_unclaimed_fds(msg: Message) -> None:
                 os.close(fd)
             except OSError:
                 pass
+
+
+def signature_helper(interface: ServiceInterface, path: str) -> Callable[[Message], Message | None]:
+    """A message handler that answers a call of a known method with the wrong signature
+    by naming the signature that works (dbus-next would only say "no such method")."""
+    methods = {m.name: m for m in ServiceInterface._get_methods(interface) if not m.disabled}
+
+    def check(msg: Message) -> Message | None:
+        if (msg.message_type != MessageType.METHOD_CALL or msg.path != path
+                or msg.interface not in (None, interface.name) or msg.member not in methods):
+            return None
+        expected = methods[msg.member]
+        if msg.signature == expected.in_signature:
+            return None
+        arguments = ", ".join(f"{a.signature} {a.name}" for a in expected.introspection.in_args)
+        return Message.new_error(
+            msg, "org.freedesktop.DBus.Error.InvalidArgs",
+            f"{interface.name}.{msg.member} takes signature '{expected.in_signature}' ({arguments}), "
+            f"not '{msg.signature}'",
+        )
+
+    return check
 
 
 @contextlib.contextmanager

@@ -7,13 +7,20 @@ bus. Tests start their bus with the same configuration.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import pwd
+import signal
+import socket as socketlib
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from uniond.errors import Failed
+
 POLICY_NAME = "org.uniond1.conf"
+_PR_SET_PDEATHSIG = 1
 
 _CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
@@ -60,7 +67,7 @@ def find_policy() -> Path:
     for path in candidates:
         if path.is_file():
             return path
-    raise FileNotFoundError(f"{POLICY_NAME} not found in any of: {', '.join(map(str, candidates))}")
+    raise Failed(f"{POLICY_NAME} not found in any of: {', '.join(map(str, candidates))}")
 
 
 def write_config(directory: str, policy: Path | None = None, extra: Sequence[Path] = ()) -> tuple[str, str]:
@@ -78,9 +85,56 @@ def write_config(directory: str, policy: Path | None = None, extra: Sequence[Pat
     return config, f"unix:path={socket}"
 
 
+def _bus_user() -> tuple[int, int]:
+    """Who the private bus runs as: Debian's system bus user, else nobody.
+
+    Not root, as a system bus never is: dbus-daemon started as root insists on raising
+    its fd limit to 65536, which a container's lower hard limit refuses ("Failed to set
+    fd limit to 65536" on every start); unprivileged, it keeps the limit it is given.
+    """
+    for name in ("messagebus", "nobody"):
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            continue
+        return entry.pw_uid, entry.pw_gid
+    return 65534, 65534
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """The bus ends when the process that started it ends, even by SIGKILL: a bus left
+    behind would keep the socket, and a second one started on it would lose it when
+    the first exits and unlinks it."""
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def setup() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the line above
+            os._exit(1)
+
+    return setup
+
+
+def _refuse_a_live_socket(socket_path: str) -> None:
+    """A bus that still listens there belongs to a uniond that is still running."""
+    probe = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    try:
+        probe.connect(socket_path)
+    except OSError:
+        return  # nothing listens: a socket file left by a bus that died, replaced below
+    finally:
+        probe.close()
+    raise Failed(f"a bus already listens on {socket_path}: is another uniond running with its private bus?")
+
+
 def start(directory: str, policy: Path | None = None, extra: Sequence[Path] = ()) -> tuple[subprocess.Popen, str]:
     """Start dbus-daemon on a private socket; return the process and its address."""
     config, address = write_config(directory, policy, extra)
+    socket_path = address.removeprefix("unix:path=")
+    _refuse_a_live_socket(socket_path)
+    uid, gid = _bus_user()
+    os.chown(directory, uid, gid)  # the bus makes (and at exit removes) its socket there
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_", "LISTEN_"))}
     process = subprocess.Popen(
         ["dbus-daemon", "--nofork", "--nopidfile", f"--config-file={config}", "--print-address=1"],
@@ -89,10 +143,15 @@ def start(directory: str, policy: Path | None = None, extra: Sequence[Path] = ()
         # Its own session: a Ctrl-C in the terminal reaches uniond alone, which stops
         # cleanly and then ends the bus, instead of both racing.
         start_new_session=True,
+        user=uid,
+        group=gid,
+        extra_groups=[],
+        # After the change of user, which would clear it.
+        preexec_fn=_die_with_parent(os.getpid()),
     )
     assert process.stdout is not None
     printed = process.stdout.readline().decode().strip()
     if not printed:
         process.wait(timeout=5)
-        raise RuntimeError(f"dbus-daemon exited with {process.returncode} before listening")
+        raise Failed(f"dbus-daemon exited with {process.returncode} before listening")
     return process, address

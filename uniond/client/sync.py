@@ -1,0 +1,159 @@
+"""The synchronous client, for scripts: the asyncio client's coroutines run on an event
+loop of the client's own, so both APIs are the same dbus-next code.
+
+Not for use from inside a running event loop (use ``AsyncClient`` there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Coroutine, Iterable, Iterator
+from typing import Any, TypeVar
+
+from uniond.client.aio import AsyncClient, AsyncEvents, AsyncMount, FileOrFd, Progress
+from uniond.client.values import Change, Event, MountInfo, Status
+
+T = TypeVar("T")
+
+
+class Client:
+    """A connection to uniond (see ``AsyncClient`` for ``address``, ``bus`` and
+    ``interactive``)::
+
+        from uniond.client import Client
+        with Client() as client, client.mount(["/srv/image"], "/srv/upper") as m:
+            ...                      # work in m.mountpoint
+            m.export("/srv/layer.tar.gz")
+        # unmounted here
+    """
+
+    def __init__(self, address: str | None = None, *, bus: str = "system", interactive: bool = True) -> None:
+        self._loop = asyncio.new_event_loop()
+        self.aio = AsyncClient(address, bus=bus, interactive=interactive)
+        try:
+            self._run(self.aio.connect())
+        except BaseException:
+            self._loop.close()
+            raise
+
+    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return self._loop.run_until_complete(coroutine)
+
+    def close(self) -> None:
+        if not self._loop.is_closed():
+            self._run(self.aio.close())
+            self._loop.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def version(self) -> str:
+        return self._run(self.aio.version())
+
+    def mount(self, lowers: Iterable[str | os.PathLike], upper: str | os.PathLike | None = None,
+              mountpoint: str | os.PathLike | None = None, **options: Any) -> Mount:
+        """Mount ``lowers`` (top-most first) under ``upper`` (None: read-only) at
+        ``mountpoint`` (None: uniond makes one); see ``AsyncClient.mount``."""
+        return Mount(self, self._run(self.aio.mount(lowers, upper, mountpoint, **options)))
+
+    def get(self, path: str) -> Mount:
+        return Mount(self, self._run(self.aio.get(path)))
+
+    def mounts(self) -> list[Mount]:
+        return [Mount(self, m) for m in self._run(self.aio.mounts())]
+
+    def find(self, name: str | os.PathLike) -> Mount:
+        """A mount by id, object path, mountpoint or any path inside it."""
+        return Mount(self, self._run(self.aio.find(name)))
+
+    def import_layer(self, file_or_fd: FileOrFd, destdir: str | os.PathLike, *, devices: bool = False,
+                     progress: Progress | None = None) -> int:
+        """Unpack a layer tar into the empty ``destdir``; returns the entries made."""
+        return self._run(self.aio.import_layer(file_or_fd, destdir, devices=devices, progress=progress))
+
+    def status(self) -> Status:
+        return self._run(self.aio.status())
+
+    def events(self) -> Events:
+        """MountAdded / MountRemoved from now on: ``for event in client.events(): ...``."""
+        return Events(self, self._run(self.aio.events()))
+
+
+class Mount:
+    """One mount: ``info`` and its properties as attributes, the methods on it, and a
+    context manager that unmounts it on exit."""
+
+    def __init__(self, client: Client, mount: AsyncMount) -> None:
+        self.client = client
+        self.aio = mount
+
+    def __repr__(self) -> str:
+        return repr(self.aio)
+
+    info = property(lambda self: self.aio.info)
+    id = property(lambda self: self.aio.id)
+    path = property(lambda self: self.aio.path)
+    mountpoint = property(lambda self: self.aio.mountpoint)
+    lowerdirs = property(lambda self: self.aio.lowerdirs)
+    upperdir = property(lambda self: self.aio.upperdir)
+    workdir = property(lambda self: self.aio.workdir)
+    readonly = property(lambda self: self.aio.readonly)
+    owner = property(lambda self: self.aio.owner)
+    created = property(lambda self: self.aio.created)
+    options = property(lambda self: self.aio.options)
+
+    def refresh(self) -> Mount:
+        self.client._run(self.aio.refresh())
+        return self
+
+    def diff(self) -> list[Change]:
+        return self.client._run(self.aio.diff())
+
+    def export(self, file_or_fd: FileOrFd, compression: str | None = None, progress: Progress | None = None) -> int:
+        """Write the upper as a layer tar; returns the bytes written (see ``AsyncMount.export``)."""
+        return self.client._run(self.aio.export(file_or_fd, compression, progress))
+
+    def commit(self, destdir: str | os.PathLike, progress: Progress | None = None) -> int:
+        return self.client._run(self.aio.commit(destdir, progress))
+
+    def unmount(self, lazy: bool = False) -> None:
+        self.client._run(self.aio.unmount(lazy))
+
+    def __enter__(self) -> Mount:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.unmount()
+
+
+class Events:
+    """An iterator of events; ``get(timeout)`` waits at most ``timeout`` seconds."""
+
+    def __init__(self, client: Client, stream: AsyncEvents) -> None:
+        self.client = client
+        self.aio = stream
+
+    def get(self, timeout: float | None = None) -> Event:
+        return self.client._run(self.aio.get(timeout))
+
+    def __iter__(self) -> Iterator[Event]:
+        return self
+
+    def __next__(self) -> Event:
+        return self.get()
+
+    def close(self) -> None:
+        self.aio.close()
+
+    def __enter__(self) -> Events:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["Client", "Events", "Mount", "MountInfo"]

@@ -1,0 +1,94 @@
+"""What the client hands back: plain, frozen values with stable field names.
+
+The same names are unionctl's ``--json`` fields (``as_json``), so a script that reads
+``unionctl list --json`` and a service that reads ``client.mounts()`` see one shape.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+from typing import Any
+
+from uniond import constants
+
+
+@dataclass(frozen=True)
+class MountInfo:
+    """A mount's properties (org.uniond1.Mount) as they were when read."""
+
+    id: str
+    path: str  # the D-Bus object path, /org/uniond1/mount/<id>
+    mountpoint: str
+    lowerdirs: tuple[str, ...]  # top-most first
+    upperdir: str  # "" for a read-only mount
+    workdir: str
+    readonly: bool
+    owner: int  # uid of the caller that asked for it
+    created_us: int  # µs since the epoch
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_properties(cls, path: str, props: dict[str, Any]) -> MountInfo:
+        return cls(
+            id=props["Id"], path=path, mountpoint=props["Mountpoint"], lowerdirs=tuple(props["LowerDirs"]),
+            upperdir=props["UpperDir"], workdir=props["WorkDir"], readonly=bool(props["ReadOnly"]),
+            owner=int(props["Owner"]), created_us=int(props["Created"]), options=dict(props["Options"]),
+        )
+
+    @property
+    def created(self) -> datetime.datetime:
+        return datetime.datetime.fromtimestamp(self.created_us / 1e6, tz=datetime.UTC)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "path": self.path, "mountpoint": self.mountpoint, "lowerdirs": list(self.lowerdirs),
+            "upperdir": self.upperdir, "workdir": self.workdir, "readonly": self.readonly, "owner": self.owner,
+            "created_us": self.created_us, "created": self.created.isoformat(timespec="seconds"),
+            "options": self.options,
+        }
+
+
+@dataclass(frozen=True)
+class Change:
+    """One line of a Diff, as ``docker diff`` prints it: kind A, C or D, and a path."""
+
+    kind: str
+    path: str
+
+    def as_json(self) -> dict[str, str]:
+        return {"kind": self.kind, "path": self.path}
+
+
+@dataclass(frozen=True)
+class Event:
+    """A MountAdded or MountRemoved signal."""
+
+    event: str  # "MountAdded" or "MountRemoved"
+    path: str
+    mountpoint: str
+
+    @property
+    def id(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+    def as_json(self) -> dict[str, str]:
+        return {"event": self.event, "id": self.id, "path": self.path, "mountpoint": self.mountpoint}
+
+
+@dataclass(frozen=True)
+class Status:
+    """The daemon as a client sees it; ``unit_*`` are None unless systemd on this bus runs it."""
+
+    version: str
+    mounts: int
+    unit_active_state: str | None = None
+    unit_sub_state: str | None = None
+    unit_status_text: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        unit = None
+        if self.unit_active_state is not None:
+            unit = {"name": constants.SYSTEMD_UNIT, "active_state": self.unit_active_state,
+                    "sub_state": self.unit_sub_state, "status_text": self.unit_status_text}
+        return {"version": self.version, "mounts": self.mounts, "unit": unit}
