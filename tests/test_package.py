@@ -46,6 +46,11 @@ def test_files_land_in_debian_places(files):
         "/usr/lib/tmpfiles.d/uniond.conf",
         "/etc/uniond/uniond.conf",
         "/usr/share/man/man8/uniond.8.gz",
+        "/usr/bin/unionctl",
+        "/usr/lib/python3/dist-packages/uniond/client/cli.py",
+        "/usr/share/bash-completion/completions/unionctl",
+        "/usr/share/zsh/vendor-completions/_unionctl",
+        "/usr/share/man/man1/unionctl.1.gz",
         "/usr/share/doc/uniond/copyright",
         "/usr/share/doc/uniond/README.md",  # uniond.service's Documentation=
     ]:
@@ -64,6 +69,7 @@ def test_depends_on_debian_python_libraries(deb):
     depends = [d.strip() for d in field(deb, "Depends").split(",")]
     assert "python3-dbus-next (>= 0.2.3)" in depends
     assert "python3-sdnotify (>= 0.3.1)" in depends
+    assert "python3-click (>= 8.1.3)" in depends and "python3-tqdm (>= 4.64)" in depends
     assert any(d.startswith("python3:any") or d.startswith("python3 ") for d in depends), depends
     assert "dbus-system-bus | dbus" in depends
     assert field(deb, "Architecture") == "all"
@@ -103,11 +109,16 @@ def test_maintainer_scripts(deb, tmp_path):
         subprocess.run(["sh", "-n", str(tmp_path / name)], check=True)
 
 
-def test_man_page_renders_cleanly(deb, tmp_path):
+@pytest.mark.parametrize("page, needles", [
+    ("man8/uniond.8.gz", ["systemctl reload uniond", "STATE_DIRECTORY", "ExportDiff", "org.uniond1.conf"]),
+    ("man1/unionctl.1.gz", ["unionctl export", "EXIT STATUS", "--json", "MountAdded"]),
+])
+def test_man_pages_render_cleanly(deb, tmp_path, page, needles):
     subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp_path)], check=True)
-    page = tmp_path / "usr/share/man/man8/uniond.8.gz"
+    page = tmp_path / "usr/share/man" / page
     result = subprocess.run(f"zcat {page} | groff -man -ww -z", shell=True, capture_output=True, text=True)
     assert result.returncode == 0 and result.stderr == "", result.stderr
     rendered = subprocess.run(["man", "-l", str(page)], capture_output=True, text=True,
                               env={"MANWIDTH": "80", "PATH": "/usr/bin:/bin"}).stdout
-    assert "systemctl reload uniond" in " ".join(rendered.split())
+    for needle in needles:
+        assert needle in " ".join(rendered.split()), needle
