@@ -71,7 +71,7 @@ class Daemon:
         if mode == "system":
             return None
         self.bus_process, address = privatebus.start(os.path.join(self.runtime_dir, "bus"))
-        log.info("no system bus: started a private bus with uniond's policy; use it with:")
+        log.info("on a private bus with uniond's policy (it ends with uniond); use it with:")
         log.info("  busctl --address=%s tree %s", address, constants.BUS_NAME)
         return address
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import os
 import pwd
+import shutil
 import signal
 import socket as socketlib
 import subprocess
@@ -62,7 +63,7 @@ def find_policy() -> Path:
         Path(sys.prefix) / "share/dbus-1/system.d" / POLICY_NAME,
         Path("/usr/share/dbus-1/system.d") / POLICY_NAME,
         Path("/etc/dbus-1/system.d") / POLICY_NAME,
-        Path(__file__).resolve().parent.parent / "dbus" / POLICY_NAME,
+        Path(__file__).resolve().parents[2] / "dbus" / POLICY_NAME,  # the source tree
     ]
     for path in candidates:
         if path.is_file():
@@ -79,19 +80,41 @@ def write_config(directory: str, policy: Path | None = None, extra: Sequence[Pat
     os.makedirs(directory, mode=0o755, exist_ok=True)
     socket = os.path.join(directory, "system_bus_socket")
     config = os.path.join(directory, "bus.conf")
-    includes = "".join(f"  <include>{path}</include>\n" for path in extra)
+    # Copies beside the configuration: the bus user may not be able to read a clone's
+    # tree (in a 0700 home directory, say).
+    policies = []
+    for index, source in enumerate([policy or find_policy(), *extra]):
+        copy = os.path.join(directory, f"policy-{index}.conf")
+        shutil.copyfile(source, copy)
+        os.chmod(copy, 0o644)
+        policies.append(copy)
+    includes = "".join(f"  <include>{path}</include>\n" for path in policies[1:])
     with open(config, "w", encoding="utf-8") as f:
-        f.write(_CONFIG.format(socket=socket, policy=policy or find_policy(), extra=includes))
+        f.write(_CONFIG.format(socket=socket, policy=policies[0], extra=includes))
+    os.chmod(config, 0o644)
     return config, f"unix:path={socket}"
 
 
-def _bus_user() -> tuple[int, int]:
-    """Who the private bus runs as: Debian's system bus user, else nobody.
+def _reachable_by_all(directory: str) -> bool:
+    path = os.path.abspath(directory)
+    while True:
+        if not os.stat(path).st_mode & 0o001:
+            return False
+        if path == "/":
+            return True
+        path = os.path.dirname(path)
+
+
+def _bus_user(directory: str) -> tuple[int, int] | None:
+    """Who the private bus runs as: Debian's system bus user, else nobody; root only
+    where they could not reach ``directory``.
 
     Not root, as a system bus never is: dbus-daemon started as root insists on raising
     its fd limit to 65536, which a container's lower hard limit refuses ("Failed to set
     fd limit to 65536" on every start); unprivileged, it keeps the limit it is given.
     """
+    if not _reachable_by_all(directory):
+        return None
     for name in ("messagebus", "nobody"):
         try:
             entry = pwd.getpwnam(name)
@@ -133,8 +156,10 @@ def start(directory: str, policy: Path | None = None, extra: Sequence[Path] = ()
     config, address = write_config(directory, policy, extra)
     socket_path = address.removeprefix("unix:path=")
     _refuse_a_live_socket(socket_path)
-    uid, gid = _bus_user()
-    os.chown(directory, uid, gid)  # the bus makes (and at exit removes) its socket there
+    user = _bus_user(directory)
+    if user is not None:
+        os.chown(directory, *user)  # the bus makes (and at exit removes) its socket there
+    uid, gid = user or (None, None)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_", "LISTEN_"))}
     process = subprocess.Popen(
         ["dbus-daemon", "--nofork", "--nopidfile", f"--config-file={config}", "--print-address=1"],
@@ -145,7 +170,7 @@ def start(directory: str, policy: Path | None = None, extra: Sequence[Path] = ()
         start_new_session=True,
         user=uid,
         group=gid,
-        extra_groups=[],
+        extra_groups=None if user is None else [],
         # After the change of user, which would clear it.
         preexec_fn=_die_with_parent(os.getpid()),
     )
