@@ -135,6 +135,8 @@ class AsyncClient:
         """Mount ``lowers`` (top-most first) under ``upper`` (None: read-only) at
         ``mountpoint`` (None: uniond makes one). ``options`` are the contract's
         (readonly, volatile, workdir, description, dev, suid); paths may be relative."""
+        if isinstance(lowers, str | os.PathLike):
+            raise TypeError("lowers is a list of directories, top-most first, not one path")
         if "workdir" in options and options["workdir"] is not None:
             options["workdir"] = _absolute(options["workdir"])
         (path,) = await self._call(

@@ -83,8 +83,11 @@ def command(name: str, example: str) -> Callable[[Callable[..., None]], click.Co
             finally:
                 session.close()
 
+        # The command's own options first in --help, then the common ones.
+        own = run.__dict__.pop("__click_params__", [])
         for option in reversed(_COMMON):
             run = option(run)
+        run.__click_params__ = [*run.__click_params__, *own]  # type: ignore[attr-defined]
         doc = (fn.__doc__ or "").rstrip() + f"\n\n\b\nExample:\n  {example}\n"
         return cli.command(name, help=doc)(run)
 
@@ -195,8 +198,15 @@ def export(s: Session, name: str, output: str | None, compression: str | None) -
         sys.stdout.flush()
         written = m.export(sys.stdout.fileno(), compression or "none")
         return
-    with progress("export") as bar:
-        written = m.export(output, compression, progress=bar)
+    existed = os.path.exists(output)
+    try:
+        with progress("export") as bar:
+            written = m.export(output, compression, progress=bar)
+    except errors.UniondError:
+        if not existed:  # no half-written tar left behind where there was nothing
+            with contextlib.suppress(OSError):
+                os.unlink(output)
+        raise
     if s.json:
         render.emit_json({"id": m.id, "path": m.path, "output": os.path.abspath(output), "bytes": written})
     else:

@@ -97,7 +97,7 @@ class ProgressBar:
             # shutil falls back to $COLUMNS/$LINES or 80x24 where a terminal reports no size
             # (0x0), in which tqdm would draw nothing.
             size = shutil.get_terminal_size()
-            self.bar = tqdm(total=total, desc=self.description, unit="B", unit_scale=True, unit_divisor=1024,
+            self.bar = tqdm(total=total, desc=self.description, unit="B", unit_scale=True,
                             file=sys.stderr, ncols=size.columns, nrows=size.lines, leave=True)
         if total is not None and total != self.bar.total:
             self.bar.total = total
