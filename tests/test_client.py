@@ -271,3 +271,8 @@ def test_completion_scripts_shipped_equal_generated(bus):
         generated = subprocess.run([str(Path(sys.executable).parent / "unionctl")], capture_output=True,
                                    env={**os.environ, "_UNIONCTL_COMPLETE": f"{shell}_source"}, check=True).stdout
         assert (ROOT / path).read_bytes() == generated, f"regenerate {path} (see README)"
+
+
+def test_no_uniond_on_the_bus_says_so(bus):
+    result = unionctl(bus, "status", check=1)
+    one_error_line(result, "org.freedesktop.DBus.Error.ServiceUnknown", "uniond is not running on this bus")

@@ -18,7 +18,7 @@ from dbus_next.aio import MessageBus
 
 from uniond import constants
 from uniond.client import errors, files, names
-from uniond.client.values import Change, Event, MountInfo, Status
+from uniond.client.values import Change, Event, MountInfo, MountProperties, Status
 
 Progress = Callable[[int, int | None], None]  # (bytes done, bytes in all or None)
 FileOrFd = int | IO[bytes] | str | os.PathLike
@@ -241,7 +241,7 @@ class AsyncClient:
         return entries
 
 
-class AsyncMount:
+class AsyncMount(MountProperties):
     """One mount: its properties as read (``info``, and each as an attribute), and the
     methods on it. ``async with`` unmounts it at the end of the block."""
 
@@ -251,17 +251,6 @@ class AsyncMount:
 
     def __repr__(self) -> str:
         return f"<uniond mount {self.info.id} at {self.info.mountpoint}>"
-
-    id = property(lambda self: self.info.id)
-    path = property(lambda self: self.info.path)
-    mountpoint = property(lambda self: self.info.mountpoint)
-    lowerdirs = property(lambda self: self.info.lowerdirs)
-    upperdir = property(lambda self: self.info.upperdir)
-    workdir = property(lambda self: self.info.workdir)
-    readonly = property(lambda self: self.info.readonly)
-    owner = property(lambda self: self.info.owner)
-    created = property(lambda self: self.info.created)
-    options = property(lambda self: self.info.options)
 
     async def refresh(self) -> AsyncMount:
         """The mount's properties read again (NotFound once it is gone)."""
@@ -284,6 +273,8 @@ class AsyncMount:
         return await self.client._commit(self.info, destdir, progress)
 
     async def unmount(self, lazy: bool = False) -> None:
+        """Unmount; ``lazy`` detaches it now even while in use (``Busy`` otherwise names
+        the processes using it). uniond then removes only what it made itself."""
         await self.client._unmount(self.path, lazy)
 
     async def __aenter__(self) -> AsyncMount:

@@ -12,7 +12,7 @@ from collections.abc import Coroutine, Iterable, Iterator
 from typing import Any, TypeVar
 
 from uniond.client.aio import AsyncClient, AsyncEvents, AsyncMount, FileOrFd, Progress
-from uniond.client.values import Change, Event, MountInfo, Status
+from uniond.client.values import Change, Event, MountInfo, MountProperties, Status
 
 T = TypeVar("T")
 
@@ -52,6 +52,7 @@ class Client:
         self.close()
 
     def version(self) -> str:
+        """uniond's version (the Manager's Version property)."""
         return self._run(self.aio.version())
 
     def mount(self, lowers: Iterable[str | os.PathLike], upper: str | os.PathLike | None = None,
@@ -61,9 +62,11 @@ class Client:
         return Mount(self, self._run(self.aio.mount(lowers, upper, mountpoint, **options)))
 
     def get(self, path: str) -> Mount:
+        """The mount at a D-Bus object path (``NotFound`` if there is none)."""
         return Mount(self, self._run(self.aio.get(path)))
 
     def mounts(self) -> list[Mount]:
+        """Every mount uniond owns, oldest first."""
         return [Mount(self, m) for m in self._run(self.aio.mounts())]
 
     def find(self, name: str | os.PathLike) -> Mount:
@@ -76,6 +79,7 @@ class Client:
         return self._run(self.aio.import_layer(file_or_fd, destdir, devices=devices, progress=progress))
 
     def status(self) -> Status:
+        """Version, mount count and, when systemd runs uniond, its unit's state."""
         return self._run(self.aio.status())
 
     def events(self) -> Events:
@@ -83,7 +87,7 @@ class Client:
         return Events(self, self._run(self.aio.events()))
 
 
-class Mount:
+class Mount(MountProperties):
     """One mount: ``info`` and its properties as attributes, the methods on it, and a
     context manager that unmounts it on exit."""
 
@@ -94,23 +98,18 @@ class Mount:
     def __repr__(self) -> str:
         return repr(self.aio)
 
-    info = property(lambda self: self.aio.info)
-    id = property(lambda self: self.aio.id)
-    path = property(lambda self: self.aio.path)
-    mountpoint = property(lambda self: self.aio.mountpoint)
-    lowerdirs = property(lambda self: self.aio.lowerdirs)
-    upperdir = property(lambda self: self.aio.upperdir)
-    workdir = property(lambda self: self.aio.workdir)
-    readonly = property(lambda self: self.aio.readonly)
-    owner = property(lambda self: self.aio.owner)
-    created = property(lambda self: self.aio.created)
-    options = property(lambda self: self.aio.options)
+    @property
+    def info(self) -> MountInfo:  # type: ignore[override]
+        """All the properties, as read when the mount was found or last refreshed."""
+        return self.aio.info
 
     def refresh(self) -> Mount:
+        """Read the properties again (``NotFound`` once the mount is gone)."""
         self.client._run(self.aio.refresh())
         return self
 
     def diff(self) -> list[Change]:
+        """What the mount changed relative to its lowers (A/C/D and a path), sorted."""
         return self.client._run(self.aio.diff())
 
     def export(self, file_or_fd: FileOrFd, compression: str | None = None, progress: Progress | None = None) -> int:
@@ -118,9 +117,11 @@ class Mount:
         return self.client._run(self.aio.export(file_or_fd, compression, progress))
 
     def commit(self, destdir: str | os.PathLike, progress: Progress | None = None) -> int:
+        """Copy one consistent state of the upper into the empty ``destdir``; returns the entries."""
         return self.client._run(self.aio.commit(destdir, progress))
 
     def unmount(self, lazy: bool = False) -> None:
+        """Unmount (see ``AsyncMount.unmount``)."""
         self.client._run(self.aio.unmount(lazy))
 
     def __enter__(self) -> Mount:

@@ -49,6 +49,61 @@ class MountInfo:
         }
 
 
+class MountProperties:
+    """The properties of a mount object, as attributes read from ``self.info``."""
+
+    info: MountInfo
+
+    @property
+    def id(self) -> str:
+        """The mount's id, the last part of its object path."""
+        return self.info.id
+
+    @property
+    def path(self) -> str:
+        """The D-Bus object path, /org/uniond1/mount/<id>."""
+        return self.info.path
+
+    @property
+    def mountpoint(self) -> str:
+        """Where the union is mounted (uniond's own directory if none was asked for)."""
+        return self.info.mountpoint
+
+    @property
+    def lowerdirs(self) -> tuple[str, ...]:
+        """The read-only layers, top-most first."""
+        return self.info.lowerdirs
+
+    @property
+    def upperdir(self) -> str:
+        """The writable layer that receives the changes; "" for a read-only view."""
+        return self.info.upperdir
+
+    @property
+    def workdir(self) -> str:
+        """overlayfs' working directory, beside the upper."""
+        return self.info.workdir
+
+    @property
+    def readonly(self) -> bool:
+        return self.info.readonly
+
+    @property
+    def owner(self) -> int:
+        """The uid of the caller that asked for the mount."""
+        return self.info.owner
+
+    @property
+    def created(self) -> datetime.datetime:
+        """When the mount was made (UTC)."""
+        return self.info.created
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The options the mount was asked with (description, volatile, ...)."""
+        return self.info.options
+
+
 @dataclass(frozen=True)
 class Change:
     """One line of a Diff, as ``docker diff`` prints it: kind A, C or D, and a path."""
