@@ -75,6 +75,10 @@ def test_every_command_as_root(daemon, bus, layers, tmp_path):
     view_mp, view_id = result.stdout.decode().strip().split("\t")
     assert is_mounted(view_mp) and sorted(os.listdir(view_mp)) == ["a", "b"]
 
+    # Completion offers the live mounts' ids and mountpoints (bash asks the command itself).
+    completed = out(unionctl(bus, env={"_UNIONCTL_COMPLETE": "bash_complete", "COMP_WORDS": "unionctl diff ",
+                                       "COMP_CWORD": "2"}, check=0)).split()
+    assert {f"plain,{made['id']}", f"plain,{t / 'merge'}", f"plain,{view_id}"} <= set(completed), completed
     listed = json.loads(out(unionctl(bus, "list", "--json", check=0)))["mounts"]
     assert [m["id"] for m in listed] == [made["id"], view_id]
     table = out(unionctl(bus, "list", check=0)).splitlines()
