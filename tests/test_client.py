@@ -271,7 +271,7 @@ def test_library_async(daemon, bus, layers, tmp_path):
 
 
 def test_completion_scripts_shipped_equal_generated(bus):
-    for shell, path in [("bash", "completions/unionctl"), ("zsh", "completions/_unionctl")]:
+    for shell, path in [("bash", "packaging/completions/unionctl"), ("zsh", "packaging/completions/_unionctl")]:
         generated = subprocess.run([str(Path(sys.executable).parent / "unionctl")], capture_output=True,
                                    env={**os.environ, "_UNIONCTL_COMPLETE": f"{shell}_source"}, check=True).stdout
         assert (ROOT / path).read_bytes() == generated, f"regenerate {path} (see README)"
