@@ -1,0 +1,316 @@
+"""Layers and images that travel: uniond against umoci, skopeo, podman and buildah.
+
+Images are built by the peers, imported by uniond (ApplyLayer, ImportImage), mounted and
+compared entry by entry with the peers' own renderings; uniond's exports (ExportLayer,
+ExportImage) are read back by the peers and compared with the mount they came from;
+digests are those the peers compute.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import stat
+import tarfile
+
+import pytest
+from dbus_next import Variant
+from harness import CallError
+from peers import Peers, oci_manifest
+from views import differences, view
+
+from uniond import constants
+
+E = constants.ERROR_PREFIX
+MTIME = 1_600_000_000_123_456_789  # nanoseconds: tar's PAX records carry them
+
+
+def _call(client, member, signature, body, path, mode="rb"):
+    with open(path, mode) as f:
+        return client.call_raw(constants.BUS_NAME, constants.MANAGER_PATH, constants.MANAGER_INTERFACE,
+                               member, signature, body, unix_fds=[f.fileno()])
+
+
+def _options(**opts):
+    kinds = {bool: "b", str: "s", list: "as"}
+    return {k: Variant(kinds[type(v)], v) for k, v in opts.items()}
+
+
+def apply_layer(client, path, destdir, **opts):
+    (info,) = _call(client, "ApplyLayer", "hsa{sv}", [0, str(destdir), _options(**opts)], path)
+    return {k: v.value for k, v in info.items()}
+
+
+def export_layer(client, mount, path, **opts):
+    (info,) = _call(client, "ExportLayer", "oha{sv}", [mount, 0, _options(**opts)], path, "wb")
+    return {k: v.value for k, v in info.items()}
+
+
+def import_image(client, path, store, **opts):
+    lowers, info = _call(client, "ImportImage", "hsa{sv}", [0, str(store), _options(**opts)], path)
+    return lowers, {k: v.value for k, v in info.items()}
+
+
+def export_image(client, mount, path, **opts):
+    (info,) = _call(client, "ExportImage", "oha{sv}", [mount, 0, _options(**opts)], path, "wb")
+    return {k: v.value for k, v in info.items()}
+
+
+def _stamp(root, *paths):
+    for p in paths:
+        os.utime(root / p, ns=(MTIME, MTIME), follow_symlinks=False)
+
+
+def fill_base(r):
+    """Every kind of entry a layer carries."""
+    (r / "etc/dir").mkdir(parents=True)
+    (r / "etc/dir/file").write_text("one")
+    os.chmod(r / "etc/dir", 0o750)
+    os.setxattr(r / "etc/dir", "user.origin", b"the lower layer")
+    (r / "tmp").mkdir()
+    os.chmod(r / "tmp", 0o1777)
+    (r / "todf").mkdir()
+    (r / "todf/t").write_text("t")
+    (r / "links").mkdir()
+    (r / "links/h1").write_text("hard")
+    os.link(r / "links/h1", r / "links/h2")
+    (r / "links/h3").write_text("stays")
+    os.link(r / "links/h3", r / "links/h4")
+    os.mkfifo(r / "fifo")
+    os.symlink("etc/dir/file", r / "link")
+    (r / "owned").write_text("x")
+    os.chown(r / "owned", 1234, 5678)
+    os.chmod(r / "owned", 0o4750)
+    os.setxattr(r / "owned", "user.binary", b"\xff\x00\x01")
+    (r / "ünïcode-名前").write_text("u")
+    (r / ("long-" + "x" * 150)).write_text("long")
+    (r / "gone/sub").mkdir(parents=True)
+    (r / "gone/sub/child").write_text("c")
+    _stamp(r, "etc/dir/file", "todf/t", "links/h1", "links/h3", "fifo", "link", "owned", "ünïcode-名前",
+           "long-" + "x" * 150, "gone/sub/child", "gone/sub", "gone", "etc/dir", "etc", "tmp", "todf", "links")
+
+
+def change(r):
+    """What umoci writes as todf + todf/.wh.t (fix 1) and leaves out parents for (fix 2)."""
+    (r / "etc/dir/file").write_text("two")
+    shutil.rmtree(r / "todf")
+    (r / "todf").write_text("now a file")
+    (r / "tmp/new").write_text("new")
+    os.unlink(r / "links/h2")
+    shutil.rmtree(r / "gone")
+    _stamp(r, "etc/dir/file", "todf", "tmp/new", "etc/dir", "tmp", "links")
+
+
+@pytest.fixture(scope="module")
+def rich(tmp_path_factory):
+    """An image built by umoci in two layers, in an OCI layout and as an oci-archive."""
+    p = Peers(tmp_path_factory.mktemp("peers"))
+    layout = p.dir / "oci"
+    p.umoci("init", "--layout", str(layout))
+    p.umoci("new", "--image", f"{layout}:rich")
+    for step in (fill_base, change):
+        bundle = p.dir / "bundle"
+        p.umoci("unpack", "--image", f"{layout}:rich", str(bundle))
+        step(bundle / "rootfs")
+        p.umoci("repack", "--image", f"{layout}:rich", str(bundle))
+        shutil.rmtree(bundle)
+    p.umoci("unpack", "--image", f"{layout}:rich", str(p.dir / "rendered"))
+    p.skopeo("copy", f"oci:{layout}:rich", f"oci-archive:{p.dir / 'rich.tar'}")
+    p.layout = layout
+    p.rendered = p.dir / "rendered/rootfs"
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def peers(tmp_path):
+    p = Peers(tmp_path / "peers")
+    yield p
+    p.close()
+
+
+def test_umoci_layers_apply_exactly(client, rich, tmp_path):
+    """Fix 1 and 2: umoci's layers, applied one by one on their parents, show what umoci shows."""
+    digest, manifest, config = oci_manifest(rich.layout, "rich")
+    top = manifest["layers"][-1]
+    with tarfile.open(fileobj=gzip.open(rich.layout / "blobs/sha256" / top["digest"][7:])) as tf:
+        names = tf.getnames()
+    assert "todf" in names and "todf/.wh.t" in names, "umoci writes a whiteout below the new file"
+    assert "etc/dir" not in names and "tmp" not in names and "tmp/new" in names, "umoci leaves out parents"
+
+    dirs = []
+    for desc, diff_id in zip(manifest["layers"], config["rootfs"]["diff_ids"], strict=True):
+        dest = tmp_path / f"layer{len(dirs)}"
+        dest.mkdir()
+        info = apply_layer(client, rich.layout / "blobs/sha256" / desc["digest"][7:], dest,
+                           parents=[str(d) for d in reversed(dirs)],
+                           expected_digest=desc["digest"], expected_diff_id=diff_id)
+        assert (info["digest"], info["diff_id"], info["bytes"]) == (desc["digest"], diff_id, desc["size"])
+        assert info["media_type"] == desc["mediaType"] == "application/vnd.oci.image.layer.v1.tar+gzip"
+        dirs.append(dest)
+    assert info["entries"] == len(names), "every tar member, whiteouts included"
+    (tmp_path / "merge").mkdir()
+    client.mount([str(d) for d in reversed(dirs)], "", tmp_path / "merge")
+    assert not differences(view(tmp_path / "merge"), view(rich.rendered))
+    assert stat.S_IMODE(os.stat(tmp_path / "merge/tmp").st_mode) == 0o1777
+
+    # ImportLayer, whose signature is frozen, takes umoci's layer too; with no parents
+    # to ask, a directory named only as a parent is 0755, root's, of the epoch.
+    (tmp_path / "plain").mkdir()
+    with open(rich.layout / "blobs/sha256" / top["digest"][7:], "rb") as f:
+        client.call_raw(constants.BUS_NAME, constants.MANAGER_PATH, constants.MANAGER_INTERFACE,
+                        "ImportLayer", "hsa{sv}", [0, str(tmp_path / "plain"), {}], unix_fds=[f.fileno()])
+    st = os.stat(tmp_path / "plain/etc/dir")
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_mtime_ns) == (0o755, 0, 0)
+    assert os.path.isfile(tmp_path / "plain/todf")
+
+
+def test_apply_layer_refuses_a_layer_that_differs(client, rich, tmp_path):
+    _, manifest, config = oci_manifest(rich.layout, "rich")
+    desc = manifest["layers"][0]
+    wrong = "sha256:" + "0" * 64
+    for option, actual in (("expected_digest", desc["digest"]), ("expected_diff_id", config["rootfs"]["diff_ids"][0])):
+        dest = tmp_path / option
+        dest.mkdir()
+        with pytest.raises(CallError) as e:
+            apply_layer(client, rich.layout / "blobs/sha256" / desc["digest"][7:], dest, **{option: wrong})
+        assert e.value.name == f"{E}.InvalidArgument"
+        assert wrong in str(e.value) and actual in str(e.value), "both digests named"
+        assert os.listdir(dest) == []
+
+
+def test_image_from_skopeo_and_podman_shares_its_layers(client, rich, peers, tmp_path):
+    """ImportImage of an oci-archive (skopeo) and of a docker save tar (podman): the same
+    layers, stored once, mounted as umoci renders the image."""
+    digest, manifest, config = oci_manifest(rich.layout, "rich")
+    store = tmp_path / "store"
+    store.mkdir()
+    lowers, info = import_image(client, rich.dir / "rich.tar", store)
+    assert info["digest"] == digest and json.loads(info["config"]) == config
+    assert lowers == [str(store / "layers" / d[7:]) for d in reversed(config["rootfs"]["diff_ids"])]
+    (tmp_path / "merge").mkdir()
+    mount = client.mount(lowers, "", tmp_path / "merge")
+    assert not differences(view(tmp_path / "merge"), view(rich.rendered))
+
+    # The same image as podman and skopeo write it, zstd and docker save: into the same
+    # store while its layers are mounted, stored once (keyed by diff_id).
+    p = peers
+    zstd = tmp_path / "zstd.tar"
+    p.skopeo("copy", "--dest-compress-format", "zstd", f"oci:{rich.layout}:rich", f"oci-archive:{zstd}")
+    _, zinfo = import_image(client, zstd, store)
+    assert _ == lowers and zinfo["layers_stored"] == 0
+    plain = _plain_image(p, tmp_path)
+    p.podman("load", "-i", str(plain))
+    image_id = p.podman("image", "inspect", "--format", "{{.Id}}", "localhost/plain:latest").strip()
+    p.podman("save", "--format", "docker-archive", "-o", str(tmp_path / "docker.tar"), "localhost/plain:latest")
+    dlowers, dinfo = import_image(client, tmp_path / "docker.tar", store)
+    assert dinfo["digest"] == f"sha256:{image_id}", "a docker save tar's digest is the image id"
+    olowers, oinfo = import_image(client, plain, store)
+    assert olowers == dlowers and oinfo["layers_stored"] == 0
+    assert sorted(os.listdir(store / "layers")) == sorted({os.path.basename(x) for x in lowers + dlowers})
+    client.unmount(mount)
+
+
+def _plain_image(p: Peers, tmp_path):
+    """An image podman's own storage takes (it refuses umoci's todf/.wh.t with vfs)."""
+    layout = tmp_path / "plain-oci"
+    p.umoci("init", "--layout", str(layout))
+    p.umoci("new", "--image", f"{layout}:plain")
+    p.umoci("unpack", "--image", f"{layout}:plain", str(tmp_path / "plain-bundle"))
+    fill_base(tmp_path / "plain-bundle/rootfs")
+    p.umoci("repack", "--image", f"{layout}:plain", str(tmp_path / "plain-bundle"))
+    out = tmp_path / "plain.tar"
+    p.skopeo("copy", f"oci:{layout}:plain", f"oci-archive:{out}:localhost/plain:latest")
+    return out
+
+
+def test_exports_are_read_back_by_the_peers(client, rich, peers, tmp_path):
+    """ExportImage of a mount (its lowers plus its changes): skopeo and umoci unpack
+    show the mount exactly, podman loads it with the same diff_ids; ExportLayer's
+    digests are the blob's and the tar's."""
+    p = peers
+    store = tmp_path / "store"
+    store.mkdir()
+    lowers, info = import_image(client, _plain_image(p, tmp_path), store)
+    for name in ("upper", "merge"):
+        (tmp_path / name).mkdir()
+    mount = client.mount(lowers, tmp_path / "upper", tmp_path / "merge")
+    m = tmp_path / "merge"
+    (m / "etc/dir/file").write_text("changed in the mount")
+    shutil.rmtree(m / "gone")
+    os.unlink(m / "links/h2")
+    (m / "new").write_text("new")
+    os.setxattr(m / "new", "user.k", b"v")
+    expected = view(m)
+
+    for compression in ("gzip", "zstd"):
+        out = tmp_path / f"image-{compression}.tar"
+        got = export_image(client, mount, out, compression=compression, config=info["config"],
+                           name=f"localhost/exported:{compression}")
+        assert got["bytes"] == os.path.getsize(out) and got["layers"] == len(lowers) + 1
+        # skopeo checks every digest as it copies; umoci renders what it copied.
+        layout = tmp_path / f"back-{compression}"
+        p.skopeo("copy", f"oci-archive:{out}", f"oci:{layout}:back")
+        digest, manifest, config = oci_manifest(layout, "back")
+        assert digest == got["digest"]
+        assert {m["mediaType"] for m in manifest["layers"]} == {f"application/vnd.oci.image.layer.v1.tar+{compression}"}
+        if compression == "zstd":  # umoci 0.4.7 reads no zstd: skopeo decompresses it for umoci
+            p.skopeo("copy", "--dest-compress", "--dest-compress-format", "gzip",
+                     f"oci-archive:{out}", f"oci:{layout}-gzip:back")  # a layout of its own: no blob reused
+        p.umoci("unpack", "--image", f"{layout}{'-gzip' if compression == 'zstd' else ''}:back",
+                str(tmp_path / f"bundle-{compression}"))
+        assert view(tmp_path / f"bundle-{compression}/rootfs") == expected, compression
+        assert config["config"] == json.loads(info["config"])["config"]
+
+    p.podman("load", "-i", str(tmp_path / "image-gzip.tar"))
+    layers = json.loads(p.podman("image", "inspect", "--format", "{{json .RootFS.Layers}}", "localhost/exported:gzip"))
+    assert layers == config["rootfs"]["diff_ids"]
+
+    for compression, opener in (("none", open), ("gzip", gzip.open), ("zstd", None)):
+        out = tmp_path / f"layer.{compression}"
+        got = export_layer(client, mount, out, compression=compression)
+        raw = out.read_bytes()
+        assert got["digest"] == "sha256:" + hashlib.sha256(raw).hexdigest() and got["bytes"] == len(raw)
+        if opener is not None:
+            with opener(out, "rb") as f:
+                assert got["diff_id"] == "sha256:" + hashlib.sha256(f.read()).hexdigest()
+        assert got["diff_id"] == config["rootfs"]["diff_ids"][-1], "the same tar as ExportImage's top layer"
+        dest = tmp_path / f"applied-{compression}"
+        dest.mkdir()
+        back = apply_layer(client, out, dest, expected_digest=got["digest"], expected_diff_id=got["diff_id"])
+        assert back["entries"] == got["entries"] and back["media_type"] == got["media_type"]
+    client.unmount(mount)
+
+
+def test_hostile_image_archives_are_refused(client, rich, tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    digest, manifest, _ = oci_manifest(rich.layout, "rich")
+    with tarfile.open(rich.dir / "rich.tar") as tf:
+        members = [(m, tf.extractfile(m).read() if m.isfile() else b"") for m in tf.getmembers()]
+    cases = {}
+    # A layer blob whose bytes are not those its name promises.
+    victim = "blobs/sha256/" + manifest["layers"][0]["digest"][7:]
+    cases["bad blob"] = [(m, data[:-1] + bytes([data[-1] ^ 1]) if m.name == victim else data) for m, data in members]
+    cases["no index"] = [(m, d) for m, d in members if m.name != "index.json"]
+    cases["not a tar"] = None
+    for case, content in cases.items():
+        path = tmp_path / f"{case}.tar"
+        if content is None:
+            path.write_bytes(os.urandom(20000))
+        else:
+            with tarfile.open(path, "w") as tf:
+                for m, data in content:
+                    m.size = len(data)
+                    tf.addfile(m, __import__("io").BytesIO(data))
+        with pytest.raises(CallError) as e:
+            import_image(client, path, store)
+        assert e.value.name == f"{E}.InvalidArgument", (case, e.value)
+        assert os.listdir(store / "layers") == [], f"{case}: nothing half-imported is left"
+    with pytest.raises(CallError) as e:
+        import_image(client, rich.dir / "rich.tar", store, expected_digest="sha256:" + "1" * 64)
+    assert e.value.name == f"{E}.InvalidArgument" and digest in str(e.value)
+    assert os.listdir(store / "layers") == []
