@@ -15,6 +15,7 @@ import os
 import shutil
 import stat
 import tarfile
+from pathlib import Path
 
 import pytest
 from dbus_next import Variant
@@ -314,3 +315,62 @@ def test_hostile_image_archives_are_refused(client, rich, tmp_path):
         import_image(client, rich.dir / "rich.tar", store, expected_digest="sha256:" + "1" * 64)
     assert e.value.name == f"{E}.InvalidArgument" and digest in str(e.value)
     assert os.listdir(store / "layers") == []
+
+
+def test_buildah_image_is_mounted_as_buildah_renders_it(client, peers, tmp_path):
+    """An image built by buildah (from scratch), saved by podman as an oci-archive."""
+    p = peers
+    ctr = p.buildah("from", "scratch").strip()
+    fill_base(Path(p.buildah("mount", ctr).strip()))
+    p.buildah("commit", ctr, "localhost/built:latest")
+    p.podman("save", "--format", "oci-archive", "-o", str(tmp_path / "built.tar"), "localhost/built:latest")
+    image_id = p.podman("image", "inspect", "--format", "{{.Id}}", "localhost/built:latest").strip()
+    rendered = Path(p.buildah("mount", p.buildah("from", "localhost/built:latest").strip()).strip())
+    (tmp_path / "store").mkdir()
+    lowers, info = import_image(client, tmp_path / "built.tar", tmp_path / "store")
+    assert "sha256:" + hashlib.sha256(info["config"].encode()).hexdigest() == f"sha256:{image_id}"
+    (tmp_path / "merge").mkdir()
+    mount = client.mount(lowers, "", tmp_path / "merge")
+    assert not differences(view(tmp_path / "merge"), view(rendered))
+    client.unmount(mount)
+
+
+def test_zstd_for_the_frozen_methods_and_parents_that_hide(client, layers, tmp_path):
+    """ExportDiff writes zstd and ImportLayer reads it by its magic; ApplyLayer's parents
+    follow overlay: an opaque directory or a whiteout above hides what lies below."""
+    t = layers
+    for d in ("image1/etc/sub", "image2/etc", "image1/w"):
+        (t / d).mkdir(parents=True)
+    os.chmod(t / "image1/etc/sub", 0o700)
+    os.chmod(t / "image1/w", 0o711)
+    os.setxattr(t / "image2/etc", "trusted.overlay.opaque", b"y")  # hides image1/etc/sub
+    os.mknod(t / "image2/w", stat.S_IFCHR, os.makedev(0, 0))  # a whiteout over image1's directory w
+    path = client.mount([t / "image2", t / "image1"], t / "upper", t / "merge")
+    (t / "merge/new").write_text("zstd")
+    with open(tmp_path / "layer.zst", "wb") as f:
+        size = client.call_raw(constants.BUS_NAME, constants.MANAGER_PATH, constants.MANAGER_INTERFACE, "ExportDiff",
+                               "oha{sv}", [path, 0, {"compression": Variant("s", "zstd")}], unix_fds=[f.fileno()])[0]
+    assert (tmp_path / "layer.zst").read_bytes()[:4] == b"\x28\xb5\x2f\xfd" and size == os.path.getsize(f.name)
+    (tmp_path / "dest").mkdir()
+    with open(tmp_path / "layer.zst", "rb") as f:
+        client.call_raw(constants.BUS_NAME, constants.MANAGER_PATH, constants.MANAGER_INTERFACE, "ImportLayer",
+                        "hsa{sv}", [0, str(tmp_path / "dest"), {}], unix_fds=[f.fileno()])
+    assert (tmp_path / "dest/new").read_text() == "zstd"
+
+    f = tarfile.TarInfo
+    layer = tmp_path / "parents.tar"
+    with tarfile.open(layer, "w", format=tarfile.PAX_FORMAT) as tf:
+        for name in ("etc/sub/file", "w/file", "c/file"):
+            tf.addfile(f(name))
+    for case, parents, expected in (
+        ("hidden above", [t / "image2", t / "image1"], {"etc/sub": 0o755, "w": 0o755}),
+        ("nothing above", [t / "image1"], {"etc/sub": 0o700, "w": 0o711}),
+    ):
+        dest = tmp_path / case
+        dest.mkdir()
+        apply_layer(client, layer, dest, parents=[str(x) for x in parents])
+        for rel, mode in expected.items():
+            st = os.stat(dest / rel)
+            assert stat.S_IMODE(st.st_mode) == mode, (case, rel)
+    # c is a file in image2 and a directory nowhere: the layer's own default.
+    assert os.stat(tmp_path / "hidden above/c").st_mtime_ns == 0
