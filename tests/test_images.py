@@ -374,3 +374,50 @@ def test_zstd_for_the_frozen_methods_and_parents_that_hide(client, layers, tmp_p
             assert stat.S_IMODE(st.st_mode) == mode, (case, rel)
     # c is a file in image2 and a directory nowhere: the layer's own default.
     assert os.stat(tmp_path / "hidden above/c").st_mtime_ns == 0
+
+
+def test_bad_arguments_get_named_errors(client, daemon, layers, tmp_path):
+    """Each refusal names what to fix, and the daemon carries on without a traceback."""
+    t = layers
+    mount = client.mount([t / "image2", t / "image1"], t / "upper", t / "merge")
+    layer = tmp_path / "layer.tar"
+    with tarfile.open(layer, "w") as tf:
+        tf.addfile(tarfile.TarInfo("f"))
+    archive = tmp_path / "deep.tar"
+    with tarfile.open(archive, "w") as tf:
+        for name, data in (("index.json", b"[" * 100_000), ("oci-layout", b"{}")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, __import__("io").BytesIO(data))
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full/x").write_text("x")
+    (tmp_path / "store").mkdir()
+    (tmp_path / "dest").mkdir()
+    dest, store = tmp_path / "dest", tmp_path / "store"
+    cases = [
+        ("ApplyLayer", lambda: apply_layer(client, layer, dest, parents="not a list"), "InvalidArgument", "parents"),
+        ("ApplyLayer", lambda: apply_layer(client, layer, dest, parents=[str(tmp_path / "nope")]),
+         "InvalidArgument", "parents[0]"),
+        ("ApplyLayer", lambda: apply_layer(client, layer, dest, expected_digest="md5:00"),
+         "InvalidArgument", "expected_digest"),
+        ("ApplyLayer", lambda: apply_layer(client, layer, tmp_path / "full"), "InvalidArgument", "not empty"),
+        ("ExportLayer", lambda: _call(client, "ExportLayer", "oha{sv}", [mount, 0, {}], layer, "rb"),
+         "InvalidArgument", "reading only"),
+        ("ExportLayer", lambda: export_layer(client, mount, tmp_path / "o", compression="lz4"),
+         "InvalidArgument", "compression"),
+        ("ImportImage", lambda: import_image(client, layer, tmp_path / "nope"), "InvalidArgument", "does not exist"),
+        ("ImportImage", lambda: import_image(client, layer, t / "upper"), "InvalidArgument", "overlaps"),
+        ("ImportImage", lambda: import_image(client, layer, t / "image1"), "InvalidArgument", "lowerdirs[1]"),
+        ("ImportImage", lambda: import_image(client, layer, store), "InvalidArgument", "index.json"),
+        ("ImportImage", lambda: import_image(client, archive, store), "InvalidArgument", "nests too deep"),
+        ("ExportImage", lambda: export_image(client, mount, tmp_path / "o", config="[1]"),
+         "InvalidArgument", "config"),
+        ("ExportImage", lambda: export_image(client, constants.MOUNT_PATH_PREFIX + "/0000", tmp_path / "o"),
+         "NotFound", ""),
+    ]
+    for member, call, name, words in cases:
+        with pytest.raises(CallError) as e:
+            call()
+        assert e.value.name == f"{E}.{name}" and words in str(e.value), (member, words, e.value)
+    assert os.listdir(dest) == [] and os.listdir(store / "layers") == []
+    assert daemon.alive() and "Traceback" not in daemon.log()

@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import platform
 import posixpath
 import re
 import tarfile
@@ -43,6 +44,8 @@ LAYER_TYPES = (
     "application/vnd.docker.image.rootfs.diff.tar.gzip",
     "application/vnd.docker.image.rootfs.diff.tar",
 )
+ARCHITECTURES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386", "ppc64le": "ppc64le",
+                 "s390x": "s390x", "riscv64": "riscv64"}  # uname -m -> GOARCH
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _HEX = re.compile(r"[0-9a-f]{64}")
 
@@ -122,6 +125,8 @@ def _json(blob: _Blob, what: str) -> dict | list:
         return json.loads(blob.data)
     except (ValueError, UnicodeError) as e:
         raise InvalidArgument(f"the {what} is not JSON: {e}") from None
+    except RecursionError:
+        raise InvalidArgument(f"the {what} nests too deep; not an image") from None
 
 
 def _descriptor(archive: _Archive, desc: object, what: str) -> _Blob:
@@ -194,8 +199,13 @@ def _docker(archive: _Archive) -> tuple[_Blob, str, list[tuple[_Blob, str]]]:
     return config, config.digest, layers
 
 
-def import_image(source: Reader, store: Store, devices: bool = False, expected_digest: str = "",
-                 platform: tuple[str, str] = ("linux", "amd64")) -> ImageResult:
+def host_platform() -> tuple[str, str]:
+    """(os, architecture) in the words of OCI (Go's GOOS, GOARCH)."""
+    machine = platform.machine()
+    return "linux", ARCHITECTURES.get(machine, machine)
+
+
+def import_image(source: Reader, store: Store, devices: bool = False, expected_digest: str = "") -> ImageResult:
     """Read an image archive from ``source`` into ``store``; see the module's docstring."""
     tar_import.check_digest("expected_digest", expected_digest)
     archive = _Archive()
@@ -215,7 +225,7 @@ def import_image(source: Reader, store: Store, devices: bool = False, expected_d
         raise InvalidArgument(f"a name in the image archive is not valid: {e}") from None
     _check_blob_names(archive)
     if "index.json" in archive.blobs or "index.json" in archive.links:
-        config, digest, layers = _oci(archive, platform)
+        config, digest, layers = _oci(archive, host_platform())
     elif "manifest.json" in archive.blobs:
         config, digest, layers = _docker(archive)
     else:

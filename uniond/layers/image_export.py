@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import tarfile
 import tempfile
 from dataclasses import dataclass
 
 from uniond.errors import InvalidArgument
 from uniond.layers.compress import check_compression
+from uniond.layers.image import host_platform
 from uniond.layers.stream import CHUNK, Sink, check_fd
 from uniond.layers.tar_export import export_diff
 
@@ -26,8 +26,6 @@ MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 CONFIG = "application/vnd.oci.image.config.v1+json"
 INDEX = "application/vnd.oci.image.index.v1+json"
 REF_NAME = "org.opencontainers.image.ref.name"
-_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386", "ppc64le": "ppc64le",
-         "s390x": "s390x", "riscv64": "riscv64"}
 SPOOL_DIR = "/var/tmp"  # on disk: a layer can be far bigger than memory
 
 
@@ -42,18 +40,22 @@ class ExportImageResult:
         return {"digest": self.digest, "bytes": self.bytes, "layers": self.layers, "config": self.config}
 
 
-def _config(base: str, diff_ids: list[str], lowers: int) -> bytes:
-    """The image config: ``base`` (e.g. ImportImage's) with this image's layers."""
-    if base:
-        try:
-            config = json.loads(base)
-        except ValueError as e:
-            raise InvalidArgument(f"config: not JSON: {e}") from None
-        if not isinstance(config, dict):
-            raise InvalidArgument("config: must be a JSON object, an image config")
-    else:
-        machine = platform.machine()
-        config = {"architecture": _ARCH.get(machine, machine), "os": "linux", "config": {}}
+def base_config(base: str) -> dict:
+    """The image config to start from (the ``config`` option), or a minimal one."""
+    if not base:
+        system, architecture = host_platform()
+        return {"architecture": architecture, "os": system, "config": {}}
+    try:
+        config = json.loads(base)
+    except (ValueError, RecursionError) as e:
+        raise InvalidArgument(f"config: not JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise InvalidArgument("config: must be a JSON object, an image config")
+    return config
+
+
+def _config(config: dict, diff_ids: list[str], lowers: int) -> bytes:
+    """The image config: ``config`` (e.g. ImportImage's) with this image's layers."""
     history = config.pop("history", None)
     old = (config.get("rootfs") or {}).get("diff_ids") if isinstance(config.get("rootfs"), dict) else None
     if isinstance(history, list) and isinstance(old, list) and old == diff_ids[:lowers]:
@@ -79,12 +81,13 @@ def _blob(data: bytes) -> tuple[str, bytes]:
     return "sha256:" + hashlib.sha256(data).hexdigest(), data
 
 
-def export_image(layer_dirs: list[str], fd: int, compression: str = "gzip", base_config: str = "",
+def export_image(layer_dirs: list[str], fd: int, compression: str = "gzip", base_config_text: str = "",
                  name: str = "", lowers: int | None = None, what: str = "export") -> ExportImageResult:
     """Write ``layer_dirs`` (bottom-most first, each an upper or a layer directory in
     overlay's form) to ``fd`` as an OCI image archive. ``lowers`` of them are the base
     image's (for the history); ``name`` becomes the image's reference name."""
     check_compression(compression)
+    base = base_config(base_config_text)
     check_fd(fd, writing=True)
     sink = Sink(fd)
     descriptors, diff_ids, spools = [], [], []
@@ -95,7 +98,7 @@ def export_image(layer_dirs: list[str], fd: int, compression: str = "gzip", base
             layer = export_diff(directory, spool.fileno(), compression, f"{what} layer {i}", digests=True)
             descriptors.append({"mediaType": layer.media_type, "digest": layer.digest, "size": layer.bytes})
             diff_ids.append(layer.diff_id)
-        config_digest, config = _blob(_config(base_config, diff_ids, len(layer_dirs) if lowers is None else lowers))
+        config_digest, config = _blob(_config(base, diff_ids, len(layer_dirs) if lowers is None else lowers))
         manifest = {"schemaVersion": 2, "mediaType": MANIFEST,
                     "config": {"mediaType": CONFIG, "digest": config_digest, "size": len(config)},
                     "layers": descriptors}

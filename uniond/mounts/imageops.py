@@ -78,6 +78,7 @@ class ImageOperations:
         opts = options.check("ExportImage", opts, options.EXPORT_IMAGE_OPTIONS)
         compression = opts.get("compression", "gzip")
         check_compression(compression)
+        image_export.base_config(opts.get("config", ""))  # refused before any work
         await self.manager.authorize(caller, ACTION_EXPORT, opts, self.manager.get(mount_id), compression=compression)
         with self.layers._using(mount_id) as record, contextlib.ExitStack() as held:
             lowers = [f"/proc/self/fd/{self.layers._places.open(held, f'lowerdirs[{i}]', p).fd}/."
