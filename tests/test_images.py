@@ -316,6 +316,41 @@ def test_hostile_image_archives_are_refused(client, rich, tmp_path):
     assert e.value.name == f"{E}.InvalidArgument" and digest in str(e.value)
     assert os.listdir(store / "layers") == []
 
+    # A blob that claims the diff_id of a layer already stored must still be that layer.
+    lowers, _ = import_image(client, rich.dir / "rich.tar", store)
+    before = view(lowers[-1])
+    _, _, config = oci_manifest(rich.layout, "rich")
+    garbage = os.urandom(5000)
+    with pytest.raises(CallError) as e:
+        import_image(client, _oci_archive(tmp_path / "liar.tar", garbage, config["rootfs"]["diff_ids"][0]), store)
+    assert e.value.name == f"{E}.InvalidArgument" and config["rootfs"]["diff_ids"][0] in str(e.value)
+    assert view(lowers[-1]) == before and sorted(os.listdir(store / "layers")) == sorted(
+        os.path.basename(x) for x in lowers)
+
+
+def _oci_archive(path, layer: bytes, diff_id: str):
+    """A well-formed OCI archive of one layer whose config claims ``diff_id``."""
+    import io
+
+    def digest(data):
+        return "sha256:" + hashlib.sha256(data).hexdigest()
+
+    config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [diff_id]}})
+    config = config.encode()
+    manifest = json.dumps({"schemaVersion": 2, "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                           "digest": digest(config), "size": len(config)},
+                           "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                                       "digest": digest(layer), "size": len(layer)}]}).encode()
+    index = json.dumps({"schemaVersion": 2, "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                        "digest": digest(manifest), "size": len(manifest)}]}).encode()
+    with tarfile.open(path, "w") as tf:
+        for name, data in (("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'), ("index.json", index),
+                           *((f"blobs/sha256/{digest(b)[7:]}", b) for b in (layer, config, manifest))):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
 
 def test_buildah_image_is_mounted_as_buildah_renders_it(client, peers, tmp_path):
     """An image built by buildah (from scratch), saved by podman as an oci-archive."""

@@ -250,30 +250,29 @@ def import_image(source: Reader, store: Store, devices: bool = False, expected_d
 
 
 def _store_layer(store: Store, blob: _Blob, diff_id: str, i: int, devices: bool, below: list[str]) -> int:
-    """Layer ``i`` into the store under its diff_id; 1 if it was not there before."""
-    if store.has(diff_id):
-        # Already stored (and perhaps mounted): checked, never written to again.
-        if blob.layer is not None and blob.layer.diff_id != diff_id:
-            raise InvalidArgument(f"layer {i} has diff_id {blob.layer.diff_id}, not {diff_id} as the config says")
-        if blob.data is not None and not blob.layer:
-            _check_small(blob, diff_id, i)
-        if blob.partial in store.partials:
-            store.discard(blob.partial)
-        return 0
+    """Layer ``i`` into the store under its diff_id; 1 if it was not there before.
+
+    A layer already stored (perhaps mounted right now) is never written to again; the
+    blob must still prove to be that layer: its uncompressed tar must hash to diff_id.
+    """
     if blob.error:
         raise InvalidArgument(f"layer {i}: {blob.error}")
-    if blob.layer is None:  # a small blob, unpacked only now that it is known to be a layer
+    if blob.layer is None:  # a small blob, kept in memory until it was known to be a layer
+        if store.has(diff_id):
+            _check_small(blob, diff_id, i)
+            return 0
         blob.partial, fd = store.partial()
         try:
             blob.layer = tar_import.unpack(io.BytesIO(blob.data or b""), f"/proc/self/fd/{fd}/.", devices,
                                            digests=True, defer_parents=True)
         finally:
             os.close(fd)
-    elif blob.partial not in store.partials:
-        raise InvalidArgument(f"layer {i}: the same blob appears under two diff_ids")
-    assert blob.layer is not None
     if blob.layer.diff_id != diff_id:
         raise InvalidArgument(f"layer {i} has diff_id {blob.layer.diff_id}, not {diff_id} as the config says")
+    if store.has(diff_id):  # stored before, or earlier in this image: this copy goes
+        if blob.partial in store.partials:
+            store.discard(blob.partial)
+        return 0
     tar_import.adopt(store.path(blob.partial), blob.layer.implicit, tuple(below))
     store.complete(blob.partial, diff_id)
     return 1

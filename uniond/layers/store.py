@@ -95,6 +95,8 @@ class Store:
         try:
             os.rename(name, hex_of(diff_id), src_dir_fd=self.fd, dst_dir_fd=self.fd)
         except OSError as e:
+            if e.errno == errno.ENOTDIR:
+                raise InvalidArgument(f"store: {LAYERS}/{hex_of(diff_id)} is not a directory; move it away") from None
             if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                 raise
             self.discard(name)  # the same layer, stored once: this copy goes
