@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from dbus_next import Variant
 from harness import CallError
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from peers import Peers, oci_manifest
 from views import differences, view
 
@@ -211,6 +213,8 @@ def test_image_from_skopeo_and_podman_shares_its_layers(client, rich, peers, tmp
     assert dinfo["digest"] == f"sha256:{image_id}", "a docker save tar's digest is the image id"
     olowers, oinfo = import_image(client, plain, store)
     assert olowers == dlowers and oinfo["layers_stored"] == 0
+    (tmp_path / "docker.tar.gz").write_bytes(gzip.compress((tmp_path / "docker.tar").read_bytes()))
+    assert import_image(client, tmp_path / "docker.tar.gz", store)[0] == dlowers, "`docker save | gzip` too"
     assert sorted(os.listdir(store / "layers")) == sorted({os.path.basename(x) for x in lowers + dlowers})
     client.unmount(mount)
 
@@ -328,21 +332,25 @@ def test_hostile_image_archives_are_refused(client, rich, tmp_path):
         os.path.basename(x) for x in lowers)
 
 
-def _oci_archive(path, layer: bytes, diff_id: str):
-    """A well-formed OCI archive of one layer whose config claims ``diff_id``."""
+def _oci_archive(path, layer: bytes, diff_id: str, twist=lambda what, document: document):
+    """A well-formed OCI archive of one layer whose config claims ``diff_id``;
+    ``twist(what, document)`` may change the config, manifest or index before it is hashed."""
     import io
 
     def digest(data):
         return "sha256:" + hashlib.sha256(data).hexdigest()
 
-    config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [diff_id]}})
-    config = config.encode()
-    manifest = json.dumps({"schemaVersion": 2, "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                           "digest": digest(config), "size": len(config)},
-                           "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                                       "digest": digest(layer), "size": len(layer)}]}).encode()
-    index = json.dumps({"schemaVersion": 2, "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
-                        "digest": digest(manifest), "size": len(manifest)}]}).encode()
+    config = json.dumps(twist("config", {"architecture": "amd64", "os": "linux",
+                                         "rootfs": {"type": "layers", "diff_ids": [diff_id]}})).encode()
+    manifest = json.dumps(twist("manifest", {
+        "schemaVersion": 2,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest(config),
+                   "size": len(config)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest(layer),
+                    "size": len(layer)}]})).encode()
+    index = json.dumps(twist("index", {"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest(manifest),
+        "size": len(manifest)}]})).encode()
     with tarfile.open(path, "w") as tf:
         for name, data in (("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'), ("index.json", index),
                            *((f"blobs/sha256/{digest(b)[7:]}", b) for b in (layer, config, manifest))):
@@ -456,3 +464,80 @@ def test_bad_arguments_get_named_errors(client, daemon, layers, tmp_path):
         assert e.value.name == f"{E}.{name}" and words in str(e.value), (member, words, e.value)
     assert os.listdir(dest) == [] and os.listdir(store / "layers") == []
     assert daemon.alive() and "Traceback" not in daemon.log()
+
+
+# ---- hostile archives, in-process: every refusal is InvalidArgument and leaves no partial ----
+
+
+def _valid_layer() -> bytes:
+    import io
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, kind in (("d", tarfile.DIRTYPE), ("d/f", tarfile.REGTYPE), ("d/.wh.g", tarfile.REGTYPE)):
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            tf.addfile(info)
+    return out.getvalue()
+
+
+@settings(max_examples=int(os.environ.get("UNIOND_FUZZ_LAYER_EXAMPLES", "200")), deadline=None, derandomize=True,
+          database=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_fuzz_image_archives(tmp_path, data):
+    from uniond.errors import InvalidArgument
+    from uniond.layers import image
+    from uniond.layers.store import Store
+
+    layer = _valid_layer()
+    if data.draw(st.booleans()):
+        layer = gzip.compress(layer, mtime=0)
+    diff_id = "sha256:" + hashlib.sha256(_valid_layer()).hexdigest()
+    victim = data.draw(st.sampled_from(["none", "config", "manifest", "index"]))
+    json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                               lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+                               max_leaves=6)
+
+    def twist(what, document):
+        if what != victim:
+            return document
+        if not data.draw(st.booleans()):
+            return data.draw(json_values)  # the whole document
+        node = document
+        while True:  # down to a random place, which gets a random value
+            key = data.draw(st.sampled_from(sorted(node) if isinstance(node, dict) else range(len(node))))
+            child = node[key]
+            if not isinstance(child, (dict, list)) or not child or not data.draw(st.booleans()):
+                node[key] = data.draw(json_values)
+                return document
+            node = child
+
+    archive = bytearray(_oci_archive(tmp_path / "a.tar", layer, diff_id, twist).read_bytes())
+    for _ in range(data.draw(st.integers(0, 3))):
+        how = data.draw(st.sampled_from(["flip", "cut", "zero", "keep"]))
+        at = data.draw(st.integers(0, len(archive) - 1))
+        if how == "flip":
+            archive[at] ^= 1 << data.draw(st.integers(0, 7))
+        elif how == "cut":
+            del archive[at:]
+        elif how == "zero":
+            archive[at:at + 512] = bytes(min(512, len(archive) - at))
+        if not archive:
+            break
+    root = tmp_path / f"store-{os.urandom(4).hex()}"
+    root.mkdir()
+    store = Store(str(root))
+    try:
+        import io
+
+        result = image.import_image(io.BytesIO(bytes(archive)), store)
+    except InvalidArgument:
+        result = None
+    finally:
+        store.close()
+    left = os.listdir(root / "layers")
+    if result is None:
+        assert left == [], "a refused archive leaves nothing in the store"
+    else:  # a flip that tarfile does not notice (a header's padding, a mode bit)
+        assert left == [diff_id[7:]] and result.lowerdirs == (diff_id,)
+    shutil.rmtree(root)
