@@ -541,3 +541,66 @@ def test_fuzz_image_archives(tmp_path, data):
     else:  # a flip that tarfile does not notice (a header's padding, a mode bit)
         assert left == [diff_id[7:]] and result.lowerdirs == (diff_id,)
     shutil.rmtree(root)
+
+
+_AS_NOBODY = """
+import json, os, sys
+sys.path.insert(0, sys.argv[2])
+from dbus_next import Variant
+from harness import CallError, Client
+c = Client(sys.argv[1])
+out = []
+for member, signature, body, path, mode in json.loads(sys.argv[3]):
+    fd = os.open(path, os.O_RDONLY if mode == "r" else os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    body = [{k: Variant("as" if isinstance(v, list) else "s", v) for k, v in x.items()} if isinstance(x, dict) else x
+            for x in body]
+    try:
+        reply = c.call_raw("org.uniond1", "/org/uniond1", "org.uniond1.Manager", member, signature, body, [fd])
+        out.append(["ok"])
+    except CallError as e:
+        out.append([e.name, e.text])
+    os.close(fd)
+print(json.dumps(out))
+"""
+
+
+def _as_nobody(bus, calls):
+    import subprocess
+    import sys
+
+    from harness import ROOT
+
+    done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+                           _AS_NOBODY, bus.address, str(ROOT / "tests"), json.dumps(calls)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_new_methods_as_an_unprivileged_caller(client, layers, bus, polkit, user_dirs, rich):
+    """The polkit actions of ExportDiff and ImportLayer; parents the caller cannot list refused."""
+    t, u = layers, user_dirs
+    path = client.mount([t / "image1"], t / "upper", t / "merge")
+    (t / "merge/d").write_text("added")
+    shutil.copy(rich.dir / "rich.tar", u / "rich.tar")
+    for name in ("applied", "store", "secret", "open"):
+        (u / name).mkdir()
+        os.chown(u / name, 65534, 65534)
+    os.chown(u / "secret", 0, 0)
+    os.chmod(u / "secret", 0o700)
+    calls = [
+        ["ExportLayer", "oha{sv}", [path, 0, {}], str(u / "layer.tar"), "w"],
+        ["ApplyLayer", "hsa{sv}", [0, str(u / "applied"), {"parents": [str(u / "open")]}], str(u / "layer.tar"), "r"],
+        ["ImportImage", "hsa{sv}", [0, str(u / "store"), {}], str(u / "rich.tar"), "r"],
+        ["ExportImage", "oha{sv}", [path, 0, {}], str(u / "image.tar"), "w"],
+    ]
+    assert [r[0] for r in _as_nobody(bus, calls)] == [f"{E}.NotAuthorized"] * 4
+    assert [c["action"] for c in polkit.calls()] == [constants.ACTION_EXPORT, constants.ACTION_IMPORT,
+                                                      constants.ACTION_IMPORT, constants.ACTION_EXPORT]
+    assert os.listdir(u / "applied") == [] and os.listdir(u / "store") == []
+    polkit.set_allowed([constants.ACTION_EXPORT, constants.ACTION_IMPORT])
+    assert _as_nobody(bus, calls) == [["ok"]] * 4
+    assert (u / "applied/d").read_text() == "added" and len(os.listdir(u / "store/layers")) == 2
+    calls[1][2][2] = {"parents": [str(u / "secret")]}
+    (refused,) = _as_nobody(bus, [calls[1]])
+    assert refused[0] == f"{E}.NotPermitted" and "parents[0]" in refused[1]
