@@ -64,7 +64,8 @@ class ImageResult:
 
 @dataclass
 class _Blob:
-    digest: str
+    digest: str  # "" for a big blob that is no layer: never usable
+    size: int
     data: bytes | None = None  # a small blob
     partial: str = ""  # a big one, unpacked into this partial of the store
     layer: tar_import.ImportResult | None = None
@@ -105,15 +106,15 @@ def _read_member(archive: _Archive, tf: tarfile.TarFile, member: tarfile.TarInfo
         if archive.small_total > SMALL_TOTAL:
             raise InvalidArgument(f"the archive holds more than {SMALL_TOTAL} bytes of small files; not an image")
         data = src.read()
-        archive.blobs[name] = _Blob("sha256:" + hashlib.sha256(data).hexdigest(), data=data)
+        archive.blobs[name] = _Blob("sha256:" + hashlib.sha256(data).hexdigest(), len(data), data=data)
         return
     partial, fd = store.partial()
     try:
         layer = tar_import.unpack(src, f"/proc/self/fd/{fd}/.", devices, digests=True, defer_parents=True)
-        archive.blobs[name] = _Blob(layer.digest, partial=partial, layer=layer)
+        archive.blobs[name] = _Blob(layer.digest, member.size, partial=partial, layer=layer)
     except InvalidArgument as e:
         # Not a layer (or a broken one): an error only if the manifest names it.
-        archive.blobs[name] = _Blob("", partial=partial, error=str(e))
+        archive.blobs[name] = _Blob("", member.size, partial=partial, error=str(e))
     finally:
         os.close(fd)
 
@@ -136,6 +137,8 @@ def _descriptor(archive: _Archive, desc: object, what: str) -> _Blob:
     blob = archive.get(f"blobs/sha256/{hex_of(desc['digest'])}", what)
     if blob.digest and blob.digest != desc["digest"]:
         raise InvalidArgument(f"the {what} has digest {blob.digest}, not {desc['digest']} as its descriptor says")
+    if desc.get("size") != blob.size:
+        raise InvalidArgument(f"the {what} has {blob.size} bytes, not {desc.get('size')!r} as its descriptor says")
     return blob
 
 
