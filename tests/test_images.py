@@ -273,6 +273,8 @@ def test_exports_are_read_back_by_the_peers(client, rich, peers, tmp_path):
     p.podman("load", "-i", str(tmp_path / "image-gzip.tar"))
     layers = json.loads(p.podman("image", "inspect", "--format", "{{json .RootFS.Layers}}", "localhost/exported:gzip"))
     assert layers == config["rootfs"]["diff_ids"]
+    rendered = Path(p.buildah("mount", p.buildah("from", "localhost/exported:gzip").strip()).strip())
+    assert not differences(view(rendered), expected), "containers/storage shows the mount too"
 
     for compression, opener in (("none", open), ("gzip", gzip.open), ("zstd", None)):
         out = tmp_path / f"layer.{compression}"
@@ -604,3 +606,47 @@ def test_new_methods_as_an_unprivileged_caller(client, layers, bus, polkit, user
     calls[1][2][2] = {"parents": [str(u / "secret")]}
     (refused,) = _as_nobody(bus, [calls[1]])
     assert refused[0] == f"{E}.NotPermitted" and "parents[0]" in refused[1]
+
+
+def test_a_half_imported_layer_never_looks_complete(client, tmp_path):
+    """While a layer streams in, the store shows only a partial; a partial left by a
+    daemon that died goes at the next import."""
+    import threading
+    import time
+
+    big = tmp_path / "big"
+    with tarfile.open(big, "w") as tf, open("/dev/zero", "rb") as zero:
+        info = tarfile.TarInfo("data")
+        info.size = 4 << 20
+        tf.addfile(info, zero)
+    layer = big.read_bytes()
+    diff_id = "sha256:" + hashlib.sha256(layer).hexdigest()
+    archive = _oci_archive(tmp_path / "a.tar", layer, diff_id).read_bytes()
+    store = tmp_path / "store"
+    (store / "layers/.partial-1-0123456789ab").mkdir(parents=True)  # pid 1 is not the daemon
+    r, w = os.pipe()
+    seen = []
+
+    def feed():
+        half = archive.index(layer[:512]) + len(layer) // 2
+        os.write(w, archive[:half])
+        for _ in range(500):
+            names = os.listdir(store / "layers")
+            if any(n.startswith(".partial-") and n != ".partial-1-0123456789ab" for n in names):
+                seen.append(sorted(names))
+                break
+            time.sleep(0.01)
+        with os.fdopen(w, "wb") as f:
+            f.write(archive[half:])
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    try:
+        lowers, _ = client.call_raw(constants.BUS_NAME, constants.MANAGER_PATH, constants.MANAGER_INTERFACE,
+                                    "ImportImage", "hsa{sv}", [0, str(store), {}], unix_fds=[r])
+    finally:
+        writer.join()
+        os.close(r)
+    assert seen and all(n.startswith(".partial-") for n in seen[0]), seen
+    assert os.listdir(store / "layers") == [diff_id[7:]] and lowers == [str(store / "layers" / diff_id[7:])]
+    assert os.path.getsize(store / "layers" / diff_id[7:] / "data") == 4 << 20
