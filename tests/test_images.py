@@ -650,3 +650,13 @@ def test_a_half_imported_layer_never_looks_complete(client, tmp_path):
     assert seen and all(n.startswith(".partial-") for n in seen[0]), seen
     assert os.listdir(store / "layers") == [diff_id[7:]] and lowers == [str(store / "layers" / diff_id[7:])]
     assert os.path.getsize(store / "layers" / diff_id[7:] / "data") == 4 << 20
+
+
+def test_a_store_whose_layers_others_can_write_is_refused(client, rich, tmp_path):
+    store = tmp_path / "store"
+    (store / "layers").mkdir(parents=True)
+    os.chown(store / "layers", 65534, 65534)
+    with pytest.raises(CallError) as e:
+        import_image(client, rich.dir / "rich.tar", store)
+    assert e.value.name == f"{E}.InvalidArgument" and "not the daemon's own" in str(e.value)
+    assert os.listdir(store / "layers") == []

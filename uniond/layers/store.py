@@ -1,5 +1,6 @@
 """A content-addressed store of layer directories, keyed by diff_id (ImportImage).
 
+``<store>/layers`` is made by the daemon, 0755 and its own, and refused otherwise.
 ``<store>/layers/<hex>`` is the layer whose uncompressed tar has sha256 ``<hex>``, in
 overlay's native form, ready to be a lowerdir. A layer is unpacked into
 ``layers/.partial-<pid>-<random>`` and renamed to its name only once complete and
@@ -49,6 +50,13 @@ class Store:
                 raise
         finally:
             os.close(root_fd)
+        st = os.fstat(self.fd)
+        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            # Only the daemon writes there: nobody can swap a partial for something
+            # else between its unpacking and its renaming.
+            os.close(self.fd)
+            raise InvalidArgument(f"store: {LAYERS!r} in it is not the daemon's own (owner {st.st_uid}, "
+                                  f"mode {stat.S_IMODE(st.st_mode):o}); remove it and let ImportImage make it")
         self.partials: list[str] = []
         self._remove_stale()
 
