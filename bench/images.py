@@ -8,8 +8,9 @@ plus 8 files of 8 MiB; then 1,000 of them changed and 100 deleted; then 2,000 ad
 and written by skopeo as an oci-archive (gzip layers). Rows:
 
 - ImportImage (the daemon's function, in this process, reading the archive from a
-  pipe into an empty store) against `umoci unpack` of the same image from its layout
-  (which also unpacks every layer, on top of each other) and `skopeo copy
+  pipe into an empty store, then again into the store that holds its layers)
+  against `umoci unpack` of the same image from its layout (which also unpacks
+  every layer, on top of each other) and `skopeo copy
   oci-archive: oci:` (which only moves the blobs, unpacking nothing).
 - ExportImage of a mount of those layers (gzip, and uncompressed) into a pipe against
   `skopeo copy oci: oci-archive:` (which only moves finished blobs) and `umoci repack`
@@ -118,6 +119,10 @@ def main() -> None:
                       lambda: run("skopeo", "--insecure-policy", "copy", f"oci-archive:{archive}", f"oci:{copied}:x"))
         row("ImportImage", "umoci unpack", umoci, ours)
         row("ImportImage", "skopeo copy oci-archive: oci:", skopeo, ours)
+        fresh(store)
+        import_image(archive, store)
+        again = best(lambda: None, lambda: import_image(archive, store))
+        row("ImportImage again (layers stored)", "skopeo copy oci-archive: oci:", skopeo, again)
 
         fresh(store)
         lowers = import_image(archive, store)

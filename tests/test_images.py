@@ -608,7 +608,7 @@ def test_new_methods_as_an_unprivileged_caller(client, layers, bus, polkit, user
     assert refused[0] == f"{E}.NotPermitted" and "parents[0]" in refused[1]
 
 
-def test_a_half_imported_layer_never_looks_complete(client, tmp_path):
+def test_a_half_imported_layer_never_looks_complete(client, daemon, tmp_path):
     """While a layer streams in, the store shows only a partial; a partial left by a
     daemon that died goes at the next import."""
     import threading
@@ -648,8 +648,21 @@ def test_a_half_imported_layer_never_looks_complete(client, tmp_path):
         writer.join()
         os.close(r)
     assert seen and all(n.startswith(".partial-") for n in seen[0]), seen
-    assert os.listdir(store / "layers") == [diff_id[7:]] and lowers == [str(store / "layers" / diff_id[7:])]
+    assert sorted(os.listdir(store / "layers")) == [".digests", diff_id[7:]]
+    assert lowers == [str(store / "layers" / diff_id[7:])]
     assert os.path.getsize(store / "layers" / diff_id[7:] / "data") == 4 << 20
+    # Imported again: the stored layer is recognised by its blob's digest and only hashed;
+    # a blob that is not what its name says is still refused.
+    again, info = import_image(client, tmp_path / "a.tar", store)
+    assert again == lowers and info["layers_stored"] == 0
+    assert f"is the stored layer {diff_id}; hashed, not unpacked" in daemon.log()
+    bad = bytearray(archive)
+    at = archive.index(layer[:512]) + 600
+    bad[at] ^= 1
+    (tmp_path / "bad.tar").write_bytes(bad)
+    with pytest.raises(CallError) as e:
+        import_image(client, tmp_path / "bad.tar", store)
+    assert e.value.name == f"{E}.InvalidArgument" and "its name says otherwise" in str(e.value)
 
 
 def test_a_store_whose_layers_others_can_write_is_refused(client, rich, tmp_path):

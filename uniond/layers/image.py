@@ -108,6 +108,17 @@ def _read_member(archive: _Archive, tf: tarfile.TarFile, member: tarfile.TarInfo
         data = src.read()
         archive.blobs[name] = _Blob("sha256:" + hashlib.sha256(data).hexdigest(), len(data), data=data)
         return
+    named = name.rpartition("/")
+    known = store.known(f"sha256:{named[2]}") if named[0] == "blobs/sha256" and _HEX.fullmatch(named[2]) else None
+    if known:
+        # A blob stored before: hashed (its name must be its digest), never unpacked again.
+        hasher = hashlib.sha256()
+        while chunk := src.read(CHUNK):
+            hasher.update(chunk)
+        digest = "sha256:" + hasher.hexdigest()
+        log.info("import: blob %s is the stored layer %s; hashed, not unpacked", digest, known)
+        archive.blobs[name] = _Blob(digest, member.size, layer=tar_import.ImportResult(0, diff_id=known, digest=digest))
+        return
     partial, fd = store.partial()
     try:
         layer = tar_import.unpack(src, f"/proc/self/fd/{fd}/.", devices, digests=True, defer_parents=True)
@@ -272,13 +283,17 @@ def _store_layer(store: Store, blob: _Blob, diff_id: str, i: int, devices: bool,
             os.close(fd)
     if blob.layer.diff_id != diff_id:
         raise InvalidArgument(f"layer {i} has diff_id {blob.layer.diff_id}, not {diff_id} as the config says")
+    stored = 0
     if store.has(diff_id):  # stored before, or earlier in this image: this copy goes
         if blob.partial in store.partials:
             store.discard(blob.partial)
-        return 0
-    tar_import.adopt(store.path(blob.partial), blob.layer.implicit, tuple(below))
-    store.complete(blob.partial, diff_id)
-    return 1
+    else:
+        tar_import.adopt(store.path(blob.partial), blob.layer.implicit, tuple(below))
+        store.complete(blob.partial, diff_id)
+        stored = 1
+    if blob.data is None:  # a big blob: the next import of it need not unpack it
+        store.remember(blob.layer.digest, diff_id)
+    return stored
 
 
 def _check_small(blob: _Blob, diff_id: str, i: int) -> None:

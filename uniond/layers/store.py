@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 
 LAYERS = "layers"
 PARTIAL_PREFIX = ".partial-"
+DIGESTS = ".digests"  # layers/.digests/<blob hex>: the diff_id of a stored layer's blob
+_DIFF_ID = re.compile(rb"sha256:[0-9a-f]{64}")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -110,6 +113,37 @@ class Store:
             self.discard(name)  # the same layer, stored once: this copy goes
             return
         self.partials.remove(name)
+
+    def known(self, digest: str) -> str | None:
+        """The diff_id of the stored layer a blob of ``digest`` unpacked to, if any: such a
+        blob need only be hashed, not unpacked again."""
+        try:
+            fd = os.open(f"{DIGESTS}/{hex_of(digest)}", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd)
+        except OSError:
+            return None
+        try:
+            text = os.read(fd, 100).strip()
+        finally:
+            os.close(fd)
+        diff_id = text.decode() if _DIFF_ID.fullmatch(text) else None
+        return diff_id if diff_id and self.has(diff_id) else None
+
+    def remember(self, digest: str, diff_id: str) -> None:
+        """Note that a blob of ``digest`` is the layer ``diff_id`` (written whole or not at all)."""
+        if not digest or self.known(digest) == diff_id:
+            return
+        try:
+            os.mkdir(DIGESTS, 0o755, dir_fd=self.fd)
+        except FileExistsError:
+            pass
+        temporary = f"{DIGESTS}/.{secrets.token_hex(6)}"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                     dir_fd=self.fd)
+        try:
+            os.write(fd, diff_id.encode() + b"\n")
+        finally:
+            os.close(fd)
+        os.rename(temporary, f"{DIGESTS}/{hex_of(digest)}", src_dir_fd=self.fd, dst_dir_fd=self.fd)
 
     def discard(self, name: str) -> None:
         if name in self.partials:
