@@ -43,6 +43,10 @@ class Reader(Protocol):
     def read(self, size: int = -1) -> bytes: ...
 
 
+class Writer(Protocol):
+    def write(self, data: bytes) -> int: ...
+
+
 def sha256_digest(hasher: hashlib._Hash) -> str:
     return "sha256:" + hasher.hexdigest()
 
@@ -145,7 +149,7 @@ class Compressing:
     """Writes a tar stream into ``sink``, compressed as asked; ``close`` ends the
     compressed stream (the gzip trailer, the zstd frame's end) but not the sink."""
 
-    def __init__(self, sink, compression: str) -> None:  # noqa: ANN001 - any object with write()
+    def __init__(self, sink: Writer, compression: str) -> None:
         check_compression(compression)
         self.plain = compression == "none"
         if compression == "gzip":
