@@ -70,3 +70,12 @@ def view(root: str | os.PathLike) -> tuple[dict[str, Entry], frozenset[frozenset
             groups[st.st_ino].add(path)
     links = frozenset(frozenset(g) for g in groups.values() if len(g) > 1)
     return {path: e for path, (e, _) in tree.items()}, links
+
+
+def differences(a, b) -> list[str]:
+    """The paths where two views differ, with both sides: an assertion message a user reads."""
+    (ea, la), (eb, lb) = a, b
+    out = [f"{p}: {ea.get(p)} != {eb.get(p)}" for p in sorted(set(ea) | set(eb)) if ea.get(p) != eb.get(p)]
+    if la != lb:
+        out.append(f"hard links: {sorted(map(sorted, la))} != {sorted(map(sorted, lb))}")
+    return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import os
 import select
 import stat
@@ -62,12 +63,25 @@ def check_fd(fd: int, writing: bool) -> None:
 class Sink:
     """Writes to the caller's fd in large pieces and counts what it wrote."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, hashing: bool = False) -> None:
         self.fd = fd
         self.written = 0
         self._buf = bytearray()
+        self._hasher = hashlib.sha256() if hashing else None
+
+    @property
+    def position(self) -> int:
+        """Bytes written so far, including those still buffered."""
+        return self.written + len(self._buf)
+
+    @property
+    def digest(self) -> str:
+        """sha256:<hex> of every byte written, when made with ``hashing``."""
+        return "sha256:" + self._hasher.hexdigest() if self._hasher is not None else ""
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
+        if self._hasher is not None:
+            self._hasher.update(data)
         self._buf += data
         if len(self._buf) >= CHUNK:
             self._drain()

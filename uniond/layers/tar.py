@@ -12,9 +12,9 @@ report (D5): a copied-up file no longer shares the lower's inode, so leaving it 
 would make a stacked layer show hard links the mount did not show.
 """
 
+from uniond.layers.compress import COMPRESSIONS
 from uniond.layers.tar_export import (
     AUFS_META_PREFIX,
-    COMPRESSIONS,
     OPAQUE_MARKER,
     WHITEOUT_PREFIX,
     ExportResult,

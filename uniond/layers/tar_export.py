@@ -9,7 +9,7 @@ out would make a stacked layer show hard links the mount did not show.
 from __future__ import annotations
 
 import functools
-import gzip
+import hashlib
 import logging
 import os
 import stat
@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 from uniond.errors import InvalidArgument
 from uniond.layers import tree
+from uniond.layers.compress import MEDIA_TYPES, Compressing, check_compression, sha256_digest
 from uniond.layers.stream import CHUNK, Sink, check_fd
 
 log = logging.getLogger(__name__)
 
-COMPRESSIONS = ("none", "gzip")
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 AUFS_META_PREFIX = ".wh..wh."  # AUFS bookkeeping (.wh..wh.plnk, ...): not content
@@ -34,7 +34,10 @@ _RECORD = tarfile.RECORDSIZE
 @dataclass(frozen=True)
 class ExportResult:
     bytes: int  # written to the fd, after compression
-    entries: int
+    entries: int  # tar members, whiteouts and opaque markers included
+    diff_id: str = ""  # sha256:<hex> of the uncompressed tar, when asked for
+    digest: str = ""  # sha256:<hex> of the bytes written, when asked for
+    media_type: str = ""
 
 
 def _pax_time(ns: int) -> str:
@@ -120,14 +123,19 @@ def _header(name: str, kind: bytes, st: os.stat_result | None, xattrs: tuple[tup
 
 
 class _Counted:
-    """The uncompressed tar stream's length, for padding its end to a whole record."""
+    """The uncompressed tar stream's length, for padding its end to a whole record, and
+    its sha256 when a diff_id is wanted."""
 
-    def __init__(self, out: Sink | gzip.GzipFile) -> None:
+    def __init__(self, out: Sink | Compressing, sink: Sink | None, hashing: bool) -> None:
         self.out = out
+        self.sink = sink  # the fd itself when nothing compresses and nothing hashes: sendfile
         self.length = 0
+        self.hasher = hashlib.sha256() if hashing else None
 
     def write(self, data: bytes) -> int:
         self.length += len(data)
+        if self.hasher is not None:
+            self.hasher.update(data)
         return self.out.write(data)
 
 
@@ -163,8 +171,8 @@ def _copy_into(out: _Counted, path: str, size: int, header: bytes, what: str, re
         else:
             out.write(header)
             left = size
-        if left and size >= _SENDFILE_MIN and isinstance(out.out, Sink):
-            left -= out.out.sendfile(fd, size)
+        if left and size >= _SENDFILE_MIN and out.sink is not None:
+            left -= out.sink.sendfile(fd, size)
             out.length += size - left
         while left:
             data = os.read(fd, min(left, CHUNK))
@@ -179,19 +187,20 @@ def _copy_into(out: _Counted, path: str, size: int, header: bytes, what: str, re
         out.write(bytes(_BLOCK - size % _BLOCK))
 
 
-def export_diff(upperdir: str, fd: int, compression: str = "none", what: str = "export") -> ExportResult:
+def export_diff(upperdir: str, fd: int, compression: str = "none", what: str = "export",
+                digests: bool = False) -> ExportResult:
     """Stream ``upperdir`` to ``fd`` as a layer tar; the caller keeps ``fd`` open.
 
-    ``what`` starts the log lines about files that change meanwhile (e.g. the mount id).
+    ``what`` starts the log lines about files that change meanwhile (e.g. the mount id);
+    ``digests`` asks for the diff_id and digest (file data then passes through Python
+    instead of sendfile, to be hashed).
     """
-    if compression not in COMPRESSIONS:
-        raise InvalidArgument(f"compression: {compression!r} is not one of {', '.join(COMPRESSIONS)}")
+    check_compression(compression)
     check_fd(fd, writing=True)
-    sink = Sink(fd)
-    zipped = None
-    if compression == "gzip":
-        zipped = gzip.GzipFile(filename="", mode="wb", fileobj=sink, compresslevel=6, mtime=0)
-    out = _Counted(zipped or sink)
+    sink = Sink(fd, hashing=digests)
+    zipped = Compressing(sink, compression)
+    plain = compression == "none"
+    out = _Counted(zipped, sink if plain and not digests else None, digests and not plain)
     first_names: dict[tuple[int, int], str] = {}  # D7: (dev, ino) -> first name in the layer
     entries = 0
     for e in tree.walk_upper(upperdir) if upperdir else ():
@@ -243,7 +252,10 @@ def export_diff(upperdir: str, fd: int, compression: str = "none", what: str = "
     # The end: two zero blocks, padded to a whole record as tar(1) and tarfile write it.
     trailer = 2 * _BLOCK
     out.write(bytes(trailer + (-(out.length + trailer)) % _RECORD))
-    if zipped is not None:
-        zipped.close()  # writes the gzip trailer into the sink
+    zipped.close()  # writes the compressor's trailer into the sink
     sink.flush()
-    return ExportResult(sink.written, entries)
+    if not digests:
+        return ExportResult(sink.written, entries)
+    digest = sink.digest
+    diff_id = digest if out.hasher is None else sha256_digest(out.hasher)
+    return ExportResult(sink.written, entries, diff_id, digest, MEDIA_TYPES[compression])

@@ -10,15 +10,16 @@ names (for duplicates and hard links) and directory mtimes are remembered.
 from __future__ import annotations
 
 import errno
-import gzip
 import logging
 import os
+import re
 import stat
 import tarfile
 from dataclasses import dataclass
 
 from uniond.errors import InvalidArgument
 from uniond.layers import tree
+from uniond.layers.compress import MEDIA_TYPES, Hashing, Reader, decompressing
 from uniond.layers.stream import CHUNK, Source, check_fd
 from uniond.layers.tar_export import AUFS_META_PREFIX, OPAQUE_MARKER, WHITEOUT_PREFIX
 from uniond.layers.tree import Builder, Meta
@@ -28,7 +29,7 @@ log = logging.getLogger("uniond.layers.tar")
 _MAX_HEADER = 1 << 20  # a PAX or GNU long-name header larger than this is hostile
 
 
-class _Header(tarfile.TarInfo):
+class SafeHeader(tarfile.TarInfo):
     """Refuses extended headers big enough to exhaust memory: tarfile reads them whole."""
 
     def _proc_pax(self, tf):
@@ -101,13 +102,29 @@ def _meta(member: tarfile.TarInfo) -> Meta:
 
 @dataclass(frozen=True)
 class ImportResult:
-    entries: int
+    entries: int  # entries made below destdir, parents it had to create included
+    members: int = 0  # tar members read, whiteouts included
+    bytes: int = 0  # read from the fd (compressed), when digests were asked for
+    diff_id: str = ""  # sha256:<hex> of the uncompressed tar, when asked for
+    digest: str = ""  # sha256:<hex> of the blob as read, when asked for
+    media_type: str = ""
+    implicit: tuple[str, ...] = ()  # directories named only as parents, when their metadata waits (adopt)
+
+
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def check_digest(option: str, value: str) -> None:
+    if value and not _DIGEST.fullmatch(value):
+        raise InvalidArgument(f"{option}: {value[:80]!r} is not a digest; give sha256: and 64 lowercase hex digits")
 
 
 class _Importer:
-    def __init__(self, destdir: str, devices: bool) -> None:
+    def __init__(self, destdir: str, devices: bool, parents: tuple[str, ...]) -> None:
         self.builder = Builder(destdir)
         self.devices = devices
+        self.parents = parents
+        self.members = 0
         self.seen: dict[str, str] = {}  # rel -> "dir", "file" (any non-directory) or "whiteout"
         self.implicit: set[str] = set()  # directories made for a child before their own entry
         self.opaque: set[str] = set()
@@ -120,7 +137,24 @@ class _Importer:
             raise InvalidArgument(f"entry {rel!r} appears twice in the layer")
         self.seen[rel] = kind
 
+    def _made_non_directory(self, head: str) -> bool:
+        """Whether this layer made ``head`` or one of its parents something other than a
+        directory (a file, a whiteout)."""
+        while head:
+            if self.seen.get(head, "dir") not in ("dir", "marker"):
+                return True
+            head = head.rpartition("/")[0]
+        return False
+
+    def adopt_parents(self) -> None:
+        """Fix 2: a directory the layer names only as a parent shows what the layers
+        below have there, not a default that would hide their mode, owner and xattrs."""
+        for rel in sorted(self.implicit):
+            meta = tree.lower_directory_meta(self.parents, rel) if self.parents else None
+            self.builder.directory(rel, meta or tree.IMPLICIT_DIRECTORY, exists=True)
+
     def add(self, tf: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+        self.members += 1
         parts = _components(member.name)
         if not parts:
             if not member.isdir():
@@ -152,6 +186,11 @@ class _Importer:
             if target in ("", ".", ".."):
                 raise InvalidArgument(f"entry {member.name!r}: names no file to delete (E3)")
             rel = f"{head}/{target}" if head else target
+            if self._made_non_directory(head):
+                # umoci writes `todf` (now a file) and then `todf/.wh.t`: below a
+                # non-directory this layer made, a whiteout hides nothing (containerd too).
+                log.debug("import: skipped %s below a non-directory of the same layer", member.name)
+                return
             self._claim(rel, "whiteout")
             self.builder.whiteout(rel, self.implicit)
             return
@@ -213,26 +252,45 @@ class _Importer:
             raise InvalidArgument(f"entry {rel!r}: tar entry type {member.type!r} has no place in a layer")
 
 
-def import_layer(fd: int, destdir: str, devices: bool = False) -> ImportResult:
+def import_layer(fd: int, destdir: str, devices: bool = False, parents: tuple[str, ...] = (),
+                 digests: bool = False, expected_digest: str = "", expected_diff_id: str = "") -> ImportResult:
     """Unpack the layer tar read from ``fd`` into the empty ``destdir``.
 
-    On any error, everything made below ``destdir`` is removed again, so a refused
-    archive leaves destdir as empty as it was.
+    ``parents`` are the directories the layer will sit on, top-most first: a directory
+    the layer names only as a parent takes their metadata (without them: 0755, root,
+    the epoch). ``digests`` reads the fd to its end and answers the layer's diff_id and
+    digest; a layer that does not match ``expected_*`` is refused. On any error,
+    everything made below ``destdir`` is removed again, so a refused archive leaves
+    destdir as empty as it was.
     """
     check_fd(fd, writing=False)
+    return unpack(Source(fd), destdir, devices, parents, digests, expected_digest, expected_diff_id)
+
+
+def unpack(source: Reader, destdir: str, devices: bool = False, parents: tuple[str, ...] = (),
+           digests: bool = False, expected_digest: str = "", expected_diff_id: str = "",
+           defer_parents: bool = False) -> ImportResult:
+    """import_layer from any reader (a blob inside an image archive). ``defer_parents``
+    leaves the directories named only as parents for ``adopt``, once the layers below
+    are known."""
+    check_digest("expected_digest", expected_digest)
+    check_digest("expected_diff_id", expected_diff_id)
+    digests = digests or bool(expected_digest or expected_diff_id)
     tree.check_destdir_empty(destdir)
-    importer = _Importer(destdir, devices)
+    importer = _Importer(destdir, devices, parents)
     try:
+        blob = Hashing(source, hashing=digests)
         try:
-            try:
-                tf = tarfile.open(fileobj=Source(fd), mode="r|*", tarinfo=_Header, errorlevel=2)
-            except TypeError:  # tarfile reading a gzip header cut short: ord(b"")
-                raise tarfile.ReadError("truncated gzip header") from None
-            with tf:
+            plain, compression = decompressing(blob)
+            tarred = Hashing(plain, hashing=digests and compression != "none")
+            with tarfile.open(fileobj=tarred, mode="r|", tarinfo=SafeHeader, errorlevel=2, bufsize=CHUNK) as tf:
                 while (member := tf.next()) is not None:
                     importer.add(tf, member)
                     tf.members.clear()  # stream mode keeps every header otherwise
-        except (tarfile.TarError, EOFError, gzip.BadGzipFile) as e:
+            if digests:
+                tarred.drain()
+                blob.drain()
+        except (tarfile.TarError, EOFError) as e:
             raise InvalidArgument(f"not a readable layer tar: {e}") from None
         except UnicodeError as e:
             raise InvalidArgument(f"a name in the layer is not valid: {e}") from None
@@ -246,10 +304,33 @@ def import_layer(fd: int, destdir: str, devices: bool = False) -> ImportResult:
             if e.errno == errno.ENOSPC:
                 raise InvalidArgument("the layer does not fit in destdir's file system") from None
             raise
+        digest = blob.digest
+        diff_id = tarred.digest if compression != "none" else digest
+        for option, expected, actual in (("expected_digest", expected_digest, digest),
+                                         ("expected_diff_id", expected_diff_id, diff_id)):
+            if expected and expected != actual:
+                what = "digest" if option == "expected_digest" else "diff_id"
+                raise InvalidArgument(f"{option}: the layer's {what} is {actual}, not {expected}; refused")
+        if not defer_parents:
+            importer.adopt_parents()
         entries = importer.builder.finish()
     except BaseException:
         importer.builder.close()
         tree.empty_directory(destdir)
         raise
     importer.builder.close()
-    return ImportResult(entries)
+    implicit = tuple(sorted(importer.implicit)) if defer_parents else ()
+    return ImportResult(entries, importer.members, blob.count, diff_id, digest, MEDIA_TYPES[compression], implicit)
+
+
+def adopt(destdir: str, implicit: tuple[str, ...], parents: tuple[str, ...]) -> None:
+    """The metadata of the directories an unpacked layer named only as parents, from
+    ``parents`` (top-most first), as import_layer gives them (fix 2)."""
+    builder = Builder(destdir)
+    try:
+        for rel in implicit:
+            meta = tree.lower_directory_meta(parents, rel) if parents else None
+            builder.directory(rel, meta or tree.IMPLICIT_DIRECTORY, exists=True)
+        builder.finish()
+    finally:
+        builder.close()

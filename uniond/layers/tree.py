@@ -36,10 +36,11 @@ def exported_xattr(name: str) -> bool:
     return name.startswith(EXPORTED_XATTR_PREFIXES) or name in EXPORTED_XATTRS
 
 
-def read_xattrs(path: str) -> tuple[tuple[str, bytes], ...]:
-    """The exported xattrs of ``path`` (not following a symlink), sorted by name."""
+def read_xattrs(path: str | int) -> tuple[tuple[str, bytes], ...]:
+    """The exported xattrs of ``path`` (not following a symlink) or of an open fd, sorted by name."""
+    follow = isinstance(path, int)  # an fd: follow_symlinks=False is not allowed with it
     try:
-        names = os.listxattr(path, follow_symlinks=False)
+        names = os.listxattr(path, follow_symlinks=follow)
     except OSError as e:
         if e.errno in (errno.ENOTSUP, errno.EPERM):
             return ()
@@ -49,7 +50,7 @@ def read_xattrs(path: str) -> tuple[tuple[str, bytes], ...]:
         if not exported_xattr(name):
             continue
         try:
-            out.append((name, os.getxattr(path, name, follow_symlinks=False)))
+            out.append((name, os.getxattr(path, name, follow_symlinks=follow)))
         except OSError as e:
             if e.errno != errno.ENODATA:  # removed since listxattr
                 raise
@@ -107,6 +108,47 @@ def _walk(directory: str, prefix: str) -> Iterator[UpperEntry]:
             yield from _walk(entry.path, rel + "/")
         elif not stat.S_ISSOCK(mode):
             yield UpperEntry(rel, entry.path, st, whiteout=diff.is_whiteout(entry.path, st))
+
+
+# A directory a layer names only as a parent, when no lower one has it: containerd's
+# choice (0755, root, the epoch), so that the same layer always unpacks the same.
+IMPLICIT_DIRECTORY = Meta(0o755, 0, 0, 0)
+
+
+def lower_directory_meta(parents: tuple[str, ...], rel: str) -> Meta | None:
+    """The metadata of directory ``rel`` as the stack ``parents`` (top-most first)
+    shows it: from the first parent that has ``rel``, or None if none has it or the
+    first that has it holds something else there (containerd's rule).
+
+    Overlay's rules decide what a lower hides: a non-directory (a whiteout, a file, a
+    symlink, never followed) on the way ends the search, and so does an opaque
+    directory on the way in which ``rel`` is missing (D2, D3).
+    """
+    parts = rel.split("/")
+    for root in parents:
+        fd = os.open(root, _DIR_FLAGS)
+        hides_below = False  # an opaque directory on the way: the parents below are hidden there
+        try:
+            for name in parts:
+                try:
+                    new = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if hides_below:
+                        return None
+                    break  # not in this parent: ask the next one
+                except OSError as e:
+                    if e.errno in (errno.ENOTDIR, errno.ELOOP):
+                        return None  # replaced by a non-directory: hides the parents below
+                    raise
+                os.close(fd)
+                fd = new
+                hides_below = hides_below or diff.is_opaque(f"/proc/self/fd/{fd}/.")
+            else:
+                st = os.fstat(fd)
+                return Meta.of(st, read_xattrs(fd))
+        finally:
+            os.close(fd)
+    return None
 
 
 def check_destdir_empty(destdir: str) -> None:

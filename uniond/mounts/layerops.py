@@ -12,12 +12,13 @@ import asyncio
 import contextlib
 import contextvars
 import errno
+import functools
 import logging
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from uniond.access import paths
+from uniond.access import paths, reach
 from uniond.access.caller import Caller
 from uniond.constants import ACTION_COMMIT, ACTION_EXPORT, ACTION_IMPORT
 from uniond.errors import Busy, Failed, InvalidArgument, NotPermitted
@@ -25,6 +26,8 @@ from uniond.kernel import holders
 from uniond.kernel import overlay as engine
 from uniond.layers import diff, snapshot, tree
 from uniond.layers import tar as layertar
+from uniond.layers.compress import check_compression
+from uniond.layers.tar_import import check_digest
 from uniond.mounts import options
 from uniond.mounts.records import MountRecord
 
@@ -61,7 +64,8 @@ async def own_thread(fn: Callable[..., Any], *args: Any) -> Any:
         with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon stopped
             loop.call_soon_threadsafe(settle, *outcome)
 
-    threading.Thread(target=run, name=f"uniond-{fn.__name__}", daemon=True).start()
+    name = getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", "work")
+    threading.Thread(target=run, name=f"uniond-{name}", daemon=True).start()
     return await future
 
 
@@ -131,34 +135,54 @@ class LayerOperations:
         return dest
 
     async def export_diff(
-        self, mount_id: str, fd: int, caller: Caller, opts: dict[str, Any]
+        self, mount_id: str, fd: int, caller: Caller, opts: dict[str, Any], method: str = "ExportDiff"
     ) -> layertar.ExportResult:
-        opts = options.check("ExportDiff", opts, options.EXPORT_OPTIONS)
+        """ExportDiff, and ExportLayer (``method``), which also answers the digests."""
+        opts = options.check(method, opts, options.EXPORT_OPTIONS)
         compression = opts.get("compression", "none")
-        if compression not in layertar.COMPRESSIONS:
-            raise InvalidArgument(f"compression: {compression!r} is not one of {', '.join(layertar.COMPRESSIONS)}")
-        _require_upper("ExportDiff", self.manager.get(mount_id))
+        check_compression(compression)
+        _require_upper(method, self.manager.get(mount_id))
         await self.manager.authorize(
             caller, ACTION_EXPORT, opts, self.manager.get(mount_id), compression=compression
         )
         with self._using(mount_id) as record, contextlib.ExitStack() as held:
             upper = self._upper_of(held, record)
-            result = await own_thread(layertar.export_diff, upper, fd, compression, f"mount {mount_id}: export")
+            result = await own_thread(layertar.export_diff, upper, fd, compression, f"mount {mount_id}: export",
+                                      method == "ExportLayer")
         log.info("mount %s: exported %d entries, %d bytes (uid %d)", mount_id, result.entries, result.bytes, caller.uid)
         return result
 
+    def open_readable(self, held: contextlib.ExitStack, argument: str, path: str, caller: Caller) -> str:
+        """A directory the daemon will only read for the caller (a parent layer), as a
+        path through a descriptor; the caller must be able to list it itself."""
+        handle = self._places.open(held, argument, path)
+        if not reach.can_read(caller, handle.path, handle.st):
+            raise NotPermitted(f"{argument}: you cannot list {handle.path!r} yourself; give a directory you can read")
+        return f"/proc/self/fd/{handle.fd}/."
+
     async def import_layer(
-        self, fd: int, destdir: str, caller: Caller, opts: dict[str, Any]
+        self, fd: int, destdir: str, caller: Caller, opts: dict[str, Any], method: str = "ImportLayer"
     ) -> layertar.ImportResult:
-        opts = options.check("ImportLayer", opts, options.IMPORT_OPTIONS)
+        """ImportLayer, and ApplyLayer (``method``): parents, digests and their checks."""
+        apply = method == "ApplyLayer"
+        opts = options.check(method, opts, options.APPLY_OPTIONS if apply else options.IMPORT_OPTIONS)
         devices = opts.get("devices", False)
         if devices and not caller.is_root:
             raise NotPermitted("devices: only root may import device files; other layers refuse them")
+        check_digest("expected_digest", opts.get("expected_digest", ""))
+        check_digest("expected_diff_id", opts.get("expected_diff_id", ""))
         canonical = self._places.placed("destdir", destdir)
         await self.manager.authorize(caller, ACTION_IMPORT, opts, destdir=canonical)
         with contextlib.ExitStack() as held:
+            parents = tuple(self.open_readable(held, f"parents[{i}]", p, caller)
+                            for i, p in enumerate(opts.get("parents", [])))
             dest = self._destdir(held, canonical)
-            result = await own_thread(layertar.import_layer, fd, f"/proc/self/fd/{dest.fd}/.", devices)
+            result = await own_thread(
+                functools.partial(layertar.import_layer, digests=apply, parents=parents,
+                                  expected_digest=opts.get("expected_digest", ""),
+                                  expected_diff_id=opts.get("expected_diff_id", "")),
+                fd, f"/proc/self/fd/{dest.fd}/.", devices,
+            )
         log.info("imported a layer of %d entries into %s (uid %d)", result.entries, dest.path, caller.uid)
         return result
 

@@ -13,10 +13,12 @@ from typing import Any
 from uniond.constants import OPTION_NO_USER_INTERACTION
 from uniond.errors import InvalidArgument
 
-_TYPE_WORDS = {bool: "a boolean (b)", str: "a string (s)", int: "an integer (t)"}
+_TYPE_WORDS = {bool: "a boolean (b)", str: "a string (s)", int: "an integer (t)", list: "a list of strings (as)"}
+MAX_LIST = 500  # strings in a list option: far more than overlay stacks
 
 MAX_OPTIONS = 32  # far more than any method knows; a bigger dict is an attack or a bug
 MAX_STRING = 4096  # per string option, like a path
+LONG_STRINGS = {"config": 1 << 20}  # options that carry a document, not a path: their own limit
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,11 @@ def check(method: str, options: Mapping[str, Any], schema: dict[str, type]) -> d
             raise InvalidArgument(
                 f"{method}: option {key!r} must be {_TYPE_WORDS[wanted]}, not {got}"
             )
-        if wanted is str and len(value) > MAX_STRING:
-            raise InvalidArgument(f"{method}: option {key!r} is longer than {MAX_STRING} characters")
+        limit = LONG_STRINGS.get(key, MAX_STRING)
+        if wanted is str and len(value) > limit:
+            raise InvalidArgument(f"{method}: option {key!r} is longer than {limit} characters")
+        if wanted is list and len(value) > MAX_LIST:
+            raise InvalidArgument(f"{method}: option {key!r} holds {len(value)} strings; at most {MAX_LIST}")
     return dict(options)
 
 
@@ -68,3 +73,17 @@ DIFF_OPTIONS: dict[str, type] = {**AUTH_OPTIONS}
 EXPORT_OPTIONS: dict[str, type] = {"compression": str, **AUTH_OPTIONS}  # "none" (default) or "gzip"
 IMPORT_OPTIONS: dict[str, type] = {"devices": bool, **AUTH_OPTIONS}  # allow device files in the layer
 COMMIT_OPTIONS: dict[str, type] = {**AUTH_OPTIONS}
+EXPORT_LAYER_OPTIONS: dict[str, type] = EXPORT_OPTIONS  # "none", "gzip" or "zstd"
+APPLY_OPTIONS: dict[str, type] = {
+    **IMPORT_OPTIONS,
+    "parents": list,  # the directories the layer will sit on, top-most first
+    "expected_digest": str,  # sha256:<hex>; a layer that differs is refused
+    "expected_diff_id": str,
+}
+IMPORT_IMAGE_OPTIONS: dict[str, type] = {"devices": bool, "expected_digest": str, **AUTH_OPTIONS}
+EXPORT_IMAGE_OPTIONS: dict[str, type] = {
+    "compression": str,  # of the layers: "gzip" (default), "zstd" or "none"
+    "config": str,  # the image config to start from (ImportImage's), JSON
+    "name": str,  # the reference name the archive's index gives the image
+    **AUTH_OPTIONS,
+}

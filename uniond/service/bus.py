@@ -25,6 +25,7 @@ from uniond import constants
 from uniond.access.caller import Caller
 from uniond.access.polkit import Authority, PolkitAbsent, PolkitAnswer, PolkitFailed
 from uniond.errors import Failed
+from uniond.mounts.imageops import ImageOperations
 from uniond.mounts.layerops import LayerOperations
 from uniond.mounts.manager import MountManager
 from uniond.mounts.records import MountRecord
@@ -108,6 +109,7 @@ class BusService:
     def __init__(self, manager: MountManager, layers: LayerOperations, address: str | None) -> None:
         self.manager = manager
         self.layers = layers
+        self.images = ImageOperations(layers)
         self.address = address
         self.bus: MessageBus | None = None
         self.interface = ManagerInterface(self)

@@ -51,7 +51,11 @@ def _wrap(value: Any) -> Variant:
 
 
 # Where each method taking a descriptor has it: (member, signature) -> argument position.
-_FD_ARGUMENTS = {("ExportDiff", "oha{sv}"): 1, ("ImportLayer", "hsa{sv}"): 0}
+_FD_ARGUMENTS = {
+    ("ExportDiff", "oha{sv}"): 1, ("ImportLayer", "hsa{sv}"): 0,
+    ("ExportLayer", "oha{sv}"): 1, ("ApplyLayer", "hsa{sv}"): 0,
+    ("ExportImage", "oha{sv}"): 1, ("ImportImage", "hsa{sv}"): 0,
+}
 
 
 def close_unclaimed_fds(msg: Message) -> None:
@@ -111,6 +115,17 @@ def _owned(fd: int | None) -> Iterator[int]:
     finally:
         if fd is not None:
             os.close(fd)
+
+
+def _layer_info(count: int, entries: int, result: Any) -> dict[str, Variant]:
+    """What a manifest needs of a layer (ExportLayer, ApplyLayer)."""
+    return {
+        "bytes": Variant("t", count),
+        "entries": Variant("t", entries),
+        "diff_id": Variant("s", result.diff_id),
+        "digest": Variant("s", result.digest),
+        "media_type": Variant("s", result.media_type),
+    }
 
 
 def mount_path(mount_id: str) -> str:
@@ -209,6 +224,7 @@ class ManagerInterface(ServiceInterface):
         self.service = service
         self.manager = service.manager
         self.layers = service.layers
+        self.images = service.images
         _name_arguments(
             self,
             {
@@ -216,6 +232,10 @@ class ManagerInterface(ServiceInterface):
                 "Diff": ["changes"],
                 "ExportDiff": ["bytes"],
                 "ImportLayer": ["entries"],
+                "ExportLayer": ["info"],
+                "ApplyLayer": ["info"],
+                "ImportImage": ["lowerdirs", "info"],
+                "ExportImage": ["info"],
                 "Commit": ["entries"],
                 "ListMounts": ["mounts"],
                 "MountAdded": ["mount", "mountpoint"],
@@ -263,6 +283,42 @@ class ManagerInterface(ServiceInterface):
             caller = await self.service.caller()
             result = await self.layers.import_layer(owned, destdir, caller, _unwrap_options(options))
         return result.entries
+
+    @method()
+    @translated
+    async def ExportLayer(self, mount: "o", fd: "h", options: "a{sv}") -> "a{sv}":
+        with _owned(fd) as owned:
+            caller = await self.service.caller()
+            result = await self.layers.export_diff(
+                mount_id_of(mount), owned, caller, _unwrap_options(options), method="ExportLayer"
+            )
+        return _layer_info(result.bytes, result.entries, result)
+
+    @method()
+    @translated
+    async def ApplyLayer(self, fd: "h", destdir: "s", options: "a{sv}") -> "a{sv}":
+        with _owned(fd) as owned:
+            caller = await self.service.caller()
+            result = await self.layers.import_layer(
+                owned, destdir, caller, _unwrap_options(options), method="ApplyLayer"
+            )
+        return _layer_info(result.bytes, result.members, result)
+
+    @method()
+    @translated
+    async def ImportImage(self, fd: "h", store: "s", options: "a{sv}") -> "asa{sv}":
+        with _owned(fd) as owned:
+            caller = await self.service.caller()
+            result = await self.images.import_image(owned, store, caller, _unwrap_options(options))
+        return [list(result.lowerdirs), {key: _wrap(value) for key, value in result.info().items()}]
+
+    @method()
+    @translated
+    async def ExportImage(self, mount: "o", fd: "h", options: "a{sv}") -> "a{sv}":
+        with _owned(fd) as owned:
+            caller = await self.service.caller()
+            result = await self.images.export_image(mount_id_of(mount), owned, caller, _unwrap_options(options))
+        return {key: _wrap(value) for key, value in result.info().items()}
 
     @method()
     @translated
