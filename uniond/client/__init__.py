@@ -29,10 +29,11 @@ from uniond.client.errors import (
     UniondError,
 )
 from uniond.client.sync import Client, Events, Mount
-from uniond.client.values import Change, Event, MountInfo, Status
+from uniond.client.values import Change, Event, ExportedImage, ImageInfo, LayerInfo, MountInfo, Status
 
 __all__ = [
     "AlreadyMounted", "AsyncClient", "AsyncEvents", "AsyncMount", "BusError", "Busy", "Change", "Client",
-    "Event", "Events", "Failed", "InvalidArgument", "Mount", "MountInfo", "NotAuthorized",
+    "Event", "Events", "ExportedImage", "Failed", "ImageInfo", "InvalidArgument", "LayerInfo", "Mount", "MountInfo",
+    "NotAuthorized",
     "NotAuthorizedCanObtain", "NotAuthorizedDismissed", "NotFound", "NotPermitted", "Status", "UniondError",
 ]

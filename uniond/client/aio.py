@@ -18,7 +18,16 @@ from dbus_next.aio import MessageBus
 
 from uniond import constants
 from uniond.client import errors, files, names
-from uniond.client.values import Change, Event, MountInfo, MountProperties, Status
+from uniond.client.events import AsyncEvents
+from uniond.client.values import (
+    Change,
+    ExportedImage,
+    ImageInfo,
+    LayerInfo,
+    MountInfo,
+    MountProperties,
+    Status,
+)
 
 Progress = Callable[[int, int | None], None]  # (bytes done, bytes in all or None)
 FileOrFd = int | IO[bytes] | str | os.PathLike
@@ -31,7 +40,9 @@ _GONE = {"org.freedesktop.DBus.Error.UnknownObject", "org.freedesktop.DBus.Error
 
 
 def _variant(value: Any) -> Variant:
-    """A Python option value as the contract types it (options take b, s, or t)."""
+    """A Python option value as the contract types it (options take b, s, t, or as)."""
+    if isinstance(value, list | tuple):
+        return Variant("as", [os.fspath(v) if isinstance(v, os.PathLike) else str(v) for v in value])
     if isinstance(value, bool):
         return Variant("b", value)
     if isinstance(value, int):
@@ -175,13 +186,37 @@ class AsyncClient:
 
     async def import_layer(self, file_or_fd: FileOrFd, destdir: str | os.PathLike, *, devices: bool = False,
                            progress: Progress | None = None) -> int:
-        """Unpack a layer tar (plain or gzip) from a path, file object or fd into the
-        empty directory ``destdir``; returns the number of entries made."""
-        with files.readable(file_or_fd) as fd:
-            async with files.watch(progress, files.offset_meter(fd, reading=True)):
-                (entries,) = await self._call("ImportLayer", "hsa{sv}",
-                                              [0, _absolute(destdir), self._options(devices=devices or None)], fds=[fd])
+        """Unpack a layer tar (plain, gzip or zstd) from a path, file object or fd into
+        the empty directory ``destdir``; returns the number of entries made."""
+        (entries,) = await self._read_from("ImportLayer", file_or_fd, destdir, progress, devices=devices or None)
         return entries
+
+    async def apply_layer(self, file_or_fd: FileOrFd, destdir: str | os.PathLike, *,
+                          parents: Iterable[str | os.PathLike] = (), expected_digest: str | None = None,
+                          expected_diff_id: str | None = None, devices: bool = False,
+                          progress: Progress | None = None) -> LayerInfo:
+        """``import_layer`` answering what a manifest needs (digest, diff_id, ...).
+
+        ``parents`` are the directories the layer will sit on, top-most first: a directory
+        the layer names only as a parent takes their metadata (a sticky /tmp stays sticky).
+        A layer whose digests differ from ``expected_digest`` / ``expected_diff_id``
+        (sha256:<hex>) is refused with ``InvalidArgument`` and ``destdir`` left empty."""
+        (info,) = await self._read_from(
+            "ApplyLayer", file_or_fd, destdir, progress, devices=devices or None,
+            parents=[_absolute(p) for p in parents] or None, expected_digest=expected_digest,
+            expected_diff_id=expected_diff_id)
+        return LayerInfo.from_info(_plain(info))
+
+    async def import_image(self, file_or_fd: FileOrFd, store: str | os.PathLike, *,
+                           expected_digest: str | None = None, devices: bool = False,
+                           progress: Progress | None = None) -> ImageInfo:
+        """Unpack an image (an OCI image layout archive or a ``docker save`` tar) into
+        ``store``, each layer once (keyed by its diff_id); ``lowerdirs`` of the answer are
+        ready for ``mount``. Every blob's digest is checked, and the manifest's against
+        ``expected_digest`` when given."""
+        lowerdirs, info = await self._read_from("ImportImage", file_or_fd, store, progress,
+                                                devices=devices or None, expected_digest=expected_digest)
+        return ImageInfo.from_reply(lowerdirs, _plain(info))
 
     async def status(self) -> Status:
         """The daemon's version and mount count, and its unit's state when systemd runs it."""
@@ -224,15 +259,35 @@ class AsyncClient:
         (changes,) = await self._call("Diff", "oa{sv}", [path, self._options()])
         return [Change(kind, changed) for kind, changed in changes]
 
-    async def _export(self, path: str, file_or_fd: FileOrFd, compression: str | None,
-                      progress: Progress | None) -> int:
-        if compression is None:
-            compression = files.compression_for(file_or_fd)
+    async def _read_from(self, member: str, file_or_fd: FileOrFd, destdir: str | os.PathLike,
+                         progress: Progress | None, **options: Any) -> list[Any]:
+        """A method that reads the descriptor into a directory: (h fd, s destdir, a{sv})."""
+        with files.readable(file_or_fd) as fd:
+            async with files.watch(progress, files.offset_meter(fd, reading=True)):
+                return await self._call(member, "hsa{sv}", [0, _absolute(destdir), self._options(**options)],
+                                        fds=[fd])
+
+    async def _write_into(self, member: str, path: str, file_or_fd: FileOrFd, progress: Progress | None,
+                          **options: Any) -> Any:
+        """A method that writes a mount into the descriptor: (o mount, h fd, a{sv})."""
         with files.writable(file_or_fd) as fd:
             async with files.watch(progress, files.offset_meter(fd, reading=False)):
-                (written,) = await self._call("ExportDiff", "oha{sv}",
-                                              [path, 0, self._options(compression=compression)], fds=[fd])
-        return written
+                (answer,) = await self._call(member, "oha{sv}", [path, 0, self._options(**options)], fds=[fd])
+        return _plain(answer)
+
+    async def _export(self, path: str, file_or_fd: FileOrFd, compression: str | None,
+                      progress: Progress | None) -> int:
+        return await self._write_into("ExportDiff", path, file_or_fd, progress,
+                                      compression=compression or files.compression_for(file_or_fd))
+
+    async def _export_layer(self, path: str, file_or_fd: FileOrFd, compression: str | None,
+                            progress: Progress | None) -> LayerInfo:
+        return LayerInfo.from_info(await self._write_into(
+            "ExportLayer", path, file_or_fd, progress, compression=compression or files.compression_for(file_or_fd)))
+
+    async def _export_image(self, path: str, file_or_fd: FileOrFd, progress: Progress | None,
+                            **options: Any) -> ExportedImage:
+        return ExportedImage.from_info(await self._write_into("ExportImage", path, file_or_fd, progress, **options))
 
     async def _commit(self, info: MountInfo, destdir: str | os.PathLike, progress: Progress | None) -> int:
         dest = _absolute(destdir)
@@ -264,9 +319,25 @@ class AsyncMount(MountProperties):
     async def export(self, file_or_fd: FileOrFd, compression: str | None = None,
                      progress: Progress | None = None) -> int:
         """Write the upper as a layer tar into a path, file object or fd; returns the
-        bytes written. ``compression`` "none" or "gzip" (default: gzip for a path
-        ending in .gz or .tgz, else none)."""
+        bytes written. ``compression`` "none", "gzip" or "zstd" (default: gzip for a
+        path ending in .gz or .tgz, zstd for .zst or .tzst, else none)."""
         return await self.client._export(self.path, file_or_fd, compression, progress)
+
+    async def export_layer(self, file_or_fd: FileOrFd, compression: str | None = None,
+                           progress: Progress | None = None) -> LayerInfo:
+        """``export`` answering what a manifest needs: the layer's diff_id, digest,
+        media type, bytes and entries."""
+        return await self.client._export_layer(self.path, file_or_fd, compression, progress)
+
+    async def export_image(self, file_or_fd: FileOrFd, *, compression: str | None = None, config: str | None = None,
+                           name: str | None = None, progress: Progress | None = None) -> ExportedImage:
+        """Write the lowers (bottom-most first) and the upper as a new OCI image layout
+        archive that ``skopeo copy oci-archive:...`` and ``podman load`` read.
+        ``compression`` of the layers (default gzip), ``config`` the image config's
+        JSON to start from (e.g. ``ImageInfo.config``), ``name`` the reference the
+        archive gives the image (e.g. "localhost/app:1")."""
+        return await self.client._export_image(self.path, file_or_fd, progress, compression=compression,
+                                               config=config, name=name)
 
     async def commit(self, destdir: str | os.PathLike, progress: Progress | None = None) -> int:
         """Copy the upper into the empty ``destdir`` as a native layer; returns the entries."""
@@ -282,33 +353,3 @@ class AsyncMount(MountProperties):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.unmount()
-
-
-class AsyncEvents:
-    """MountAdded / MountRemoved as they come; ``close()`` ends the subscription."""
-
-    def __init__(self, client: AsyncClient) -> None:
-        self.client = client
-        self.rule = (f"type='signal',sender='{constants.BUS_NAME}',path='{constants.MANAGER_PATH}',"
-                     f"interface='{constants.MANAGER_INTERFACE}'")
-        self._queue: asyncio.Queue[Event] = asyncio.Queue()
-
-    def _on_message(self, msg: Message) -> None:
-        if (msg.message_type == MessageType.SIGNAL and msg.path == constants.MANAGER_PATH
-                and msg.interface == constants.MANAGER_INTERFACE and msg.member in ("MountAdded", "MountRemoved")):
-            self._queue.put_nowait(Event(msg.member, msg.body[0], msg.body[1]))
-
-    async def get(self, timeout: float | None = None) -> Event:
-        """The next event; TimeoutError after ``timeout`` seconds without one."""
-        return await asyncio.wait_for(self._queue.get(), timeout)
-
-    def __aiter__(self) -> AsyncEvents:
-        return self
-
-    async def __anext__(self) -> Event:
-        return await self.get()
-
-    def close(self) -> None:
-        bus = self.client._bus
-        if bus is not None:
-            bus.remove_message_handler(self._on_message)

@@ -1,6 +1,7 @@
 """unionctl: uniond at a shell, in the manner of udisksctl (see unionctl(1)).
 
-Every command is a few lines over ``uniond.client.Client``; click parses the
+Every command is a few lines over ``uniond.client.Client`` (``clibase`` makes them,
+``cli_images`` holds the ones that answer digests); click parses the
 arguments, writes the help and the bash/zsh completion, and tqdm draws the progress
 bar. ``main`` is the only place that turns errors into a line on stderr and an exit
 code, so no traceback ever reaches a user.
@@ -9,120 +10,14 @@ code, so no traceback ever reaches a user.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
 
 import click
-from click.shell_completion import CompletionItem
 
 from uniond import constants
 from uniond.client import errors, render
-from uniond.client.sync import Client
-
-# Options whose value is a boolean (true/false); the rest are strings.
-BOOLEAN_OPTIONS = {"readonly", "volatile", "dev", "suid"}
-
-
-@dataclass
-class Session:
-    """The options every command takes, and the client made from them when first needed."""
-
-    json: bool = False
-    address: str | None = None
-    bus: str = "system"
-    interactive: bool = True
-    verbose: bool = False
-    _client: Client | None = field(default=None, repr=False)
-
-    @property
-    def client(self) -> Client:
-        if self._client is None:
-            self._client = Client(self.address, bus=self.bus, interactive=self.interactive)
-        return self._client
-
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-
-
-_COMMON = [
-    click.option("--json", "json_output", is_flag=True, help="Print one JSON document (JSON lines for monitor)."),
-    click.option("--address", metavar="ADDRESS", help="The D-Bus address uniond is on, e.g. unix:path=/run/x."),
-    click.option("--system", "bus", flag_value="system", default=True, help="Use the system bus (the default)."),
-    click.option("--user", "bus", flag_value="user", help="Use the session bus of the user."),
-    click.option("--no-user-interaction", is_flag=True, help="Never let polkit ask for a password."),
-    click.option("-v", "--verbose", is_flag=True, help="Say more."),
-]
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(constants.VERSION, prog_name="unionctl")
-def cli() -> None:
-    """Ask uniond for union mounts, their changes and their layers.
-
-    \b
-    Example:
-      unionctl mount /srv/image2 /srv/image1 --upper /srv/upper
-    """
-
-
-def command(name: str, example: str) -> Callable[[Callable[..., None]], click.Command]:
-    """A unionctl command: the common options, a Session as first argument, an example in --help."""
-
-    def wrap(fn: Callable[..., None]) -> click.Command:
-        @functools.wraps(fn)
-        def run(json_output: bool, address: str | None, bus: str, no_user_interaction: bool, verbose: bool,
-                **kwargs: Any) -> None:
-            session = Session(json_output, address, bus, not no_user_interaction, verbose)
-            try:
-                fn(session, **kwargs)
-            finally:
-                session.close()
-
-        # The command's own options first in --help, then the common ones.
-        own = run.__dict__.pop("__click_params__", [])
-        for option in reversed(_COMMON):
-            run = option(run)
-        run.__click_params__ = [*run.__click_params__, *own]  # type: ignore[attr-defined]
-        doc = (fn.__doc__ or "").rstrip() + f"\n\n\b\nExample:\n  {example}\n"
-        return cli.command(name, help=doc)(run)
-
-    return wrap
-
-
-def complete_mount(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
-    """Ids and mountpoints of the live mounts; paths when nothing matches."""
-    try:
-        with Client(ctx.params.get("address"), bus=ctx.params.get("bus") or "system") as client:
-            infos = [m.info for m in client.mounts()]
-    except Exception:  # completion must never print an error in the middle of a command line
-        infos = []
-    found = [CompletionItem(name) for i in infos for name in (i.id, i.mountpoint) if name.startswith(incomplete)]
-    return found or [CompletionItem(incomplete, type="dir")]
-
-
-MOUNT = click.argument("name", metavar="ID|MOUNTPOINT", shell_complete=complete_mount)
-DIRECTORY = click.Path(file_okay=False)
-
-
-def typed_options(pairs: tuple[str, ...]) -> dict[str, Any]:
-    """-o key=value, typed by the option: true/false for the boolean ones."""
-    typed: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise click.UsageError(f"-o {pair!r}: give KEY=VALUE, e.g. -o readonly=true")
-        if key in BOOLEAN_OPTIONS or (key not in ("workdir", "description") and value in ("true", "false")):
-            if value not in ("true", "false"):
-                raise click.UsageError(f"-o {key}: {value!r} is not true or false")
-            typed[key] = value == "true"
-        else:
-            typed[key] = value
-    return typed
+from uniond.client.clibase import DIRECTORY, MOUNT, Session, cli, command, progress, typed_options
 
 
 @command("mount", "unionctl mount /srv/image2 /srv/image1 --upper /srv/upper -o volatile=true")
@@ -172,20 +67,11 @@ def diff(s: Session, name: str) -> None:
             click.echo(f"{c.kind} {c.path}")
 
 
-@contextlib.contextmanager
-def progress(description: str) -> Iterator[render.ProgressBar]:
-    bar = render.ProgressBar(description, render.on_terminal())
-    try:
-        yield bar
-    finally:
-        bar.close()
-
-
 @command("export", "unionctl export /srv/merged -o layer.tar.gz")
 @MOUNT
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="The tar to write (default: stdout).")
-@click.option("--compression", type=click.Choice(["none", "gzip"]),
-              help="Default: gzip for a name ending in .gz or .tgz, else none.")
+@click.option("--compression", type=click.Choice(["none", "gzip", "zstd"]),
+              help="Default: gzip for a name ending in .gz or .tgz, zstd for .zst or .tzst, else none.")
 def export(s: Session, name: str, output: str | None, compression: str | None) -> None:
     """Write a mount's upper as a layer tar (Docker / OCI layer with whiteouts)."""
     if output is None:
@@ -218,7 +104,7 @@ def export(s: Session, name: str, output: str | None, compression: str | None) -
 @click.argument("destdir", type=DIRECTORY)
 @click.option("--devices", is_flag=True, help="Allow device files in the layer (root only).")
 def import_(s: Session, source: str, destdir: str, devices: bool) -> None:
-    """Unpack a layer tar (plain or gzip; - reads stdin) into the empty DESTDIR."""
+    """Unpack a layer tar (plain, gzip or zstd; - reads stdin) into the empty DESTDIR."""
     with progress("import") as bar:
         if source == "-":
             entries = s.client.import_layer(sys.stdin.fileno(), destdir, devices=devices)
@@ -285,6 +171,10 @@ def monitor(s: Session) -> None:
 
 
 _FLAGS = {"--json", "--system", "--user", "--no-user-interaction", "-v", "--verbose"}
+
+
+# The commands that answer digests: ExportLayer, ApplyLayer, ImportImage, ExportImage.
+from uniond.client import cli_images  # noqa: E402, F401  (importing it adds its commands to the group)
 
 
 def _common_first(args: list[str]) -> list[str]:

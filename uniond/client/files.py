@@ -20,10 +20,12 @@ Meter = Callable[[], tuple[int, int | None] | None]  # (done, total), or None wh
 
 
 def compression_for(file_or_fd: Any) -> str:
-    """gzip for a file named *.gz or *.tgz, else none."""
+    """gzip for a file named *.gz or *.tgz, zstd for *.zst or *.tzst, else none."""
     name = file_or_fd if isinstance(file_or_fd, str | os.PathLike) else getattr(file_or_fd, "name", "")
     name = os.fspath(name) if isinstance(name, str | os.PathLike) else ""
-    return "gzip" if name.endswith((".gz", ".tgz")) else "none"
+    if name.endswith((".gz", ".tgz")):
+        return "gzip"
+    return "zstd" if name.endswith((".zst", ".tzst")) else "none"
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ from collections.abc import Coroutine, Iterable, Iterator
 from typing import Any, TypeVar
 
 from uniond.client.aio import AsyncClient, AsyncEvents, AsyncMount, FileOrFd, Progress
-from uniond.client.values import Change, Event, MountInfo, MountProperties, Status
+from uniond.client.values import Change, Event, ExportedImage, ImageInfo, LayerInfo, MountInfo, MountProperties, Status
 
 T = TypeVar("T")
 
@@ -78,6 +78,22 @@ class Client:
         """Unpack a layer tar into the empty ``destdir``; returns the entries made."""
         return self._run(self.aio.import_layer(file_or_fd, destdir, devices=devices, progress=progress))
 
+    def apply_layer(self, file_or_fd: FileOrFd, destdir: str | os.PathLike, *,
+                    parents: Iterable[str | os.PathLike] = (), expected_digest: str | None = None,
+                    expected_diff_id: str | None = None, devices: bool = False,
+                    progress: Progress | None = None) -> LayerInfo:
+        """Unpack a layer tar into the empty ``destdir`` on ``parents`` (top-most first),
+        checking its digests; returns its LayerInfo (see ``AsyncClient.apply_layer``)."""
+        return self._run(self.aio.apply_layer(file_or_fd, destdir, parents=parents, expected_digest=expected_digest,
+                                              expected_diff_id=expected_diff_id, devices=devices, progress=progress))
+
+    def import_image(self, file_or_fd: FileOrFd, store: str | os.PathLike, *, expected_digest: str | None = None,
+                     devices: bool = False, progress: Progress | None = None) -> ImageInfo:
+        """Unpack an OCI archive or ``docker save`` tar into ``store``; the answer's
+        ``lowerdirs`` (top-most first) are ready for ``mount`` (see ``AsyncClient.import_image``)."""
+        return self._run(self.aio.import_image(file_or_fd, store, expected_digest=expected_digest, devices=devices,
+                                               progress=progress))
+
     def status(self) -> Status:
         """Version, mount count and, when systemd runs uniond, its unit's state."""
         return self._run(self.aio.status())
@@ -115,6 +131,18 @@ class Mount(MountProperties):
     def export(self, file_or_fd: FileOrFd, compression: str | None = None, progress: Progress | None = None) -> int:
         """Write the upper as a layer tar; returns the bytes written (see ``AsyncMount.export``)."""
         return self.client._run(self.aio.export(file_or_fd, compression, progress))
+
+    def export_layer(self, file_or_fd: FileOrFd, compression: str | None = None,
+                     progress: Progress | None = None) -> LayerInfo:
+        """Write the upper as a layer tar; returns its diff_id, digest, media type, bytes
+        and entries (see ``AsyncMount.export_layer``)."""
+        return self.client._run(self.aio.export_layer(file_or_fd, compression, progress))
+
+    def export_image(self, file_or_fd: FileOrFd, *, compression: str | None = None, config: str | None = None,
+                     name: str | None = None, progress: Progress | None = None) -> ExportedImage:
+        """Write the lowers and the upper as a new OCI image archive (see ``AsyncMount.export_image``)."""
+        return self.client._run(self.aio.export_image(file_or_fd, compression=compression, config=config, name=name,
+                                                      progress=progress))
 
     def commit(self, destdir: str | os.PathLike, progress: Progress | None = None) -> int:
         """Copy one consistent state of the upper into the empty ``destdir``; returns the entries."""
@@ -157,4 +185,4 @@ class Events:
         self.close()
 
 
-__all__ = ["Client", "Events", "Mount", "MountInfo"]
+__all__ = ["Client", "Events", "ExportedImage", "ImageInfo", "LayerInfo", "Mount", "MountInfo"]

@@ -147,3 +147,61 @@ class Status:
             unit = {"name": constants.SYSTEMD_UNIT, "active_state": self.unit_active_state,
                     "sub_state": self.unit_sub_state, "status_text": self.unit_status_text}
         return {"version": self.version, "mounts": self.mounts, "unit": unit}
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What an image manifest needs of one layer (ExportLayer, ApplyLayer)."""
+
+    bytes: int  # through the descriptor: the blob as it travelled, compressed or not
+    entries: int  # tar members, whiteouts and opaque markers included
+    diff_id: str  # sha256:<hex> of the uncompressed tar (the image config's rootfs.diff_ids)
+    digest: str  # sha256:<hex> of the blob (the manifest's layer descriptor); = diff_id uncompressed
+    media_type: str  # application/vnd.oci.image.layer.v1.tar, +gzip or +zstd
+
+    @classmethod
+    def from_info(cls, info: dict[str, Any]) -> LayerInfo:
+        return cls(bytes=int(info["bytes"]), entries=int(info["entries"]), diff_id=info["diff_id"],
+                   digest=info["digest"], media_type=info["media_type"])
+
+    def as_json(self) -> dict[str, Any]:
+        return {"bytes": self.bytes, "entries": self.entries, "diff_id": self.diff_id, "digest": self.digest,
+                "media_type": self.media_type}
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """An image ImportImage put into a store: its layers ready for ``mount``."""
+
+    lowerdirs: tuple[str, ...]  # top-most first, directories inside the store
+    digest: str  # the manifest's sha256:<hex>; for a `docker save` tar the image id (the config's)
+    config: str  # the image config's JSON (Env, Entrypoint, ...; ExportImage's ``config`` takes it)
+    layers: int
+    layers_stored: int  # those that were not in the store before
+
+    @classmethod
+    def from_reply(cls, lowerdirs: list[str], info: dict[str, Any]) -> ImageInfo:
+        return cls(lowerdirs=tuple(lowerdirs), digest=info["digest"], config=info["config"],
+                   layers=int(info["layers"]), layers_stored=int(info["layers_stored"]))
+
+    def as_json(self) -> dict[str, Any]:
+        return {"lowerdirs": list(self.lowerdirs), "digest": self.digest, "config": self.config,
+                "layers": self.layers, "layers_stored": self.layers_stored}
+
+
+@dataclass(frozen=True)
+class ExportedImage:
+    """The OCI image archive ExportImage wrote: the mount's lowers and upper as layers."""
+
+    digest: str  # the manifest's sha256:<hex> (the same layers give the same digest)
+    bytes: int  # the archive's size
+    layers: int
+    config: str  # the new image config's JSON
+
+    @classmethod
+    def from_info(cls, info: dict[str, Any]) -> ExportedImage:
+        return cls(digest=info["digest"], bytes=int(info["bytes"]), layers=int(info["layers"]),
+                   config=info["config"])
+
+    def as_json(self) -> dict[str, Any]:
+        return {"digest": self.digest, "bytes": self.bytes, "layers": self.layers, "config": self.config}
