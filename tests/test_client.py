@@ -6,6 +6,7 @@ both its sync and async forms.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import json
 import os
@@ -17,6 +18,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import zstandard
 from harness import ROOT, is_mounted
 
 from uniond import constants
@@ -165,6 +167,83 @@ def test_errors_are_one_line_with_their_exit_code(daemon, bus, layers, tmp_path)
     assert "Example:" in help_text and "unionctl export /srv/merged -o layer.tar.gz" in help_text
 
 
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def test_layers_and_images_round_trip(daemon, bus, layers, tmp_path):
+    """export-layer / apply-layer with digests, export-image / import-image into a store,
+    and the imported image mounted: the same files as the mount it came from."""
+    t = layers
+    made = json.loads(out(unionctl(bus, "mount", t / "image2", t / "image1", "--upper", t / "upper",
+                                   "--mountpoint", t / "merge", "--json", check=0)))
+    os.unlink(t / "merge/a")
+    (t / "merge/new").write_text("new")
+
+    # export-layer: zstd by the name; the digests are the file's and the tar's.
+    layer = json.loads(out(unionctl(bus, "export-layer", t / "merge", "-o", tmp_path / "l.tar.zst", "--json",
+                                    check=0)))
+    blob = (tmp_path / "l.tar.zst").read_bytes()
+    tar = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(blob)).read()
+    assert layer == {"id": made["id"], "path": made["path"], "output": str(tmp_path / "l.tar.zst"),
+                     "bytes": len(blob), "entries": 2, "digest": sha256(blob), "diff_id": sha256(tar),
+                     "media_type": "application/vnd.oci.image.layer.v1.tar+zstd"}
+    text = out(unionctl(bus, "export-layer", made["id"], "-o", tmp_path / "l.tar", check=0)).splitlines()
+    plain = (tmp_path / "l.tar").read_bytes()
+    assert text == [f"{len(plain)} bytes, 2 entries written to {tmp_path / 'l.tar'}", f"diff_id: {sha256(plain)}",
+                    f"digest: {sha256(plain)}", "media_type: application/vnd.oci.image.layer.v1.tar"]
+
+    # apply-layer checks the digest a manifest promises, from a file and from stdin.
+    for name in ("applied", "piped", "refused"):
+        (tmp_path / name).mkdir()
+    applied = json.loads(out(unionctl(bus, "apply-layer", tmp_path / "l.tar.zst", tmp_path / "applied",
+                                      "--parent", t / "image2", "--parent", t / "image1",
+                                      "--expect-digest", layer["digest"], "--json", check=0)))
+    assert applied == {"destdir": str(tmp_path / "applied"), **{k: layer[k] for k in
+                       ("bytes", "entries", "digest", "diff_id", "media_type")}}
+    assert sorted(os.listdir(tmp_path / "applied")) == ["a", "new"] and os.stat(tmp_path / "applied/a").st_rdev == 0
+    piped = out(unionctl(bus, "apply-layer", "-", tmp_path / "piped", "--expect-diff-id", layer["diff_id"],
+                         input=blob, check=0)).splitlines()
+    assert piped[:2] == [f"2 entries in {tmp_path / 'piped'}", f"diff_id: {layer['diff_id']}"]
+    wrong = "sha256:" + "0" * 64
+    refused = unionctl(bus, "apply-layer", tmp_path / "l.tar.zst", tmp_path / "refused", "--expect-digest", wrong,
+                       check=1)
+    line = one_error_line(refused, f"{E}.InvalidArgument", wrong)
+    assert layer["digest"] in line and os.listdir(tmp_path / "refused") == []
+
+    # export-image: the lowers and the upper as an OCI archive; import-image puts it in a store.
+    image = json.loads(out(unionctl(bus, "export-image", t / "merge", "-o", tmp_path / "img.tar",
+                                    "--name", "localhost/t:1", "--json", check=0)))
+    assert image["bytes"] == os.path.getsize(tmp_path / "img.tar") and image["layers"] == 3
+    assert image["digest"].startswith("sha256:") and json.loads(image["config"])["rootfs"]["type"] == "layers"
+    (tmp_path / "store").mkdir()
+    imported = json.loads(out(unionctl(bus, "import-image", tmp_path / "img.tar", tmp_path / "store",
+                                       "--expect-digest", image["digest"], "--json", check=0)))
+    assert imported["digest"] == image["digest"] and imported["store"] == str(tmp_path / "store")
+    assert (imported["layers"], imported["layers_stored"], len(imported["lowerdirs"])) == (3, 3, 3)
+    assert all(d.startswith(f"{tmp_path / 'store'}/") for d in imported["lowerdirs"])
+    # Again, from stdin, as text: the lowerdirs on stdout, the digest on stderr; nothing new stored.
+    again = unionctl(bus, "import-image", "-", tmp_path / "store", input=(tmp_path / "img.tar").read_bytes(), check=0)
+    assert out(again).splitlines() == imported["lowerdirs"]
+    assert again.stderr.decode() == f"image {image['digest']}: 3 layers, 0 new in {tmp_path / 'store'}\n"
+    view = out(unionctl(bus, "mount", *imported["lowerdirs"], check=0)).strip()
+    assert sorted(os.listdir(view)) == sorted(os.listdir(t / "merge")) == ["b", "c", "new"]
+    assert all(Path(view, n).read_text() == (t / "merge" / n).read_text() for n in ("b", "c", "new"))
+    one_error_line(unionctl(bus, "import-image", tmp_path / "img.tar", tmp_path / "store", "--expect-digest", wrong,
+                            check=1), f"{E}.InvalidArgument", wrong)
+    unionctl(bus, "unmount", view, check=0)
+
+    # The older export/import take zstd too (by the name .tar.zst).
+    unionctl(bus, "export", t / "merge", "-o", tmp_path / "e.tar.zst", check=0)
+    assert (tmp_path / "e.tar.zst").read_bytes()[:4] == b"\x28\xb5\x2f\xfd"
+    (tmp_path / "e").mkdir()
+    imported_zstd = out(unionctl(bus, "import", tmp_path / "e.tar.zst", tmp_path / "e", check=0))
+    assert imported_zstd == f"2 entries in {tmp_path / 'e'}\n"
+    for command in ("export-layer", "apply-layer", "import-image", "export-image"):
+        help_text = out(unionctl(bus, command, "--help", check=0))
+        assert "Example:" in help_text and f"unionctl {command} " in help_text
+
+
 def test_unprivileged_user_with_polkit(daemon, bus, polkit, user_dirs, layers, tmp_path):
     u = user_dirs
     polkit.set_allowed([constants.ACTION_MOUNT, constants.ACTION_UNMOUNT_OWN])
@@ -224,6 +303,13 @@ def test_library_sync(daemon, bus, layers, tmp_path):
             assert client.import_layer(tmp_path / "l.tar", tmp_path / "imp", progress=lambda d, n: seen.append((d, n)))
             assert seen[-1][0] == seen[-1][1] == os.path.getsize(tmp_path / "l.tar")
             assert m.commit(tmp_path / "snap") == 1 and os.listdir(tmp_path / "snap") == ["new"]
+            # The digest methods answer typed values; parents may be Paths.
+            layer = m.export_layer(tmp_path / "l.tgz")
+            assert layer.media_type.endswith("+gzip") and layer.entries == 1
+            assert layer.digest == sha256((tmp_path / "l.tgz").read_bytes()) != layer.diff_id
+            (tmp_path / "applied").mkdir()
+            assert client.apply_layer(tmp_path / "l.tgz", tmp_path / "applied", parents=[t / "image2", t / "image1"],
+                                      expected_digest=layer.digest) == layer
             holder = subprocess.Popen(["sleep", "60"], cwd=t / "merge")
             try:
                 with pytest.raises(Busy, match=f"sleep \\(pid {holder.pid}\\)"):
