@@ -280,6 +280,13 @@ def test_progress_bar_on_a_terminal_only(daemon, bus, layers, tmp_path):
     # An export's size is known only at its end: bytes so far and the rate.
     assert re.search(r"export: 4\.\d\dMB \[00:\d\d, [\d.]+[kMG]?B/s\]", screen), screen
     assert f"bytes written to {tmp_path / 'l.tar'}" in screen
+    # The digest commands draw the same bar, reading as writing (a file's size is known).
+    command = " ".join([*UNIONCTL, "apply-layer", str(tmp_path / "l.tar"), str(tmp_path / "applied")])
+    (tmp_path / "applied").mkdir()
+    screen = subprocess.run(["script", "-qec", command, "/dev/null"], capture_output=True, env=env, timeout=60,
+                            cwd="/").stdout.decode()
+    assert re.search(r"apply-layer: 100%\|.*\| 4\.\d\dM/4\.\d\dM", screen), screen
+    assert f"entries in {tmp_path / 'applied'}" in screen
     quiet = unionctl(bus, "export", t / "merge", "-o", tmp_path / "l2.tar", check=0)
     assert b"B/s" not in quiet.stderr and quiet.stderr == b""
 
