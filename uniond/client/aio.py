@@ -19,15 +19,7 @@ from dbus_next.aio import MessageBus
 from uniond import constants
 from uniond.client import errors, files, names
 from uniond.client.events import AsyncEvents
-from uniond.client.values import (
-    Change,
-    ExportedImage,
-    ImageInfo,
-    LayerInfo,
-    MountInfo,
-    MountProperties,
-    Status,
-)
+from uniond.client.values import Change, ExportedImage, ImageInfo, LayerInfo, MountInfo, MountProperties, Status
 
 Progress = Callable[[int, int | None], None]  # (bytes done, bytes in all or None)
 FileOrFd = int | IO[bytes] | str | os.PathLike
@@ -201,6 +193,8 @@ class AsyncClient:
         the layer names only as a parent takes their metadata (a sticky /tmp stays sticky).
         A layer whose digests differ from ``expected_digest`` / ``expected_diff_id``
         (sha256:<hex>) is refused with ``InvalidArgument`` and ``destdir`` left empty."""
+        if isinstance(parents, str | os.PathLike):
+            raise TypeError("parents is a list of directories, top-most first, not one path")
         (info,) = await self._read_from(
             "ApplyLayer", file_or_fd, destdir, progress, devices=devices or None,
             parents=[_absolute(p) for p in parents] or None, expected_digest=expected_digest,
