@@ -23,7 +23,7 @@ from uniond.constants import ACTION_COMMIT, ACTION_EXPORT, ACTION_IMPORT
 from uniond.errors import Busy, Failed, InvalidArgument, NotPermitted
 from uniond.kernel import holders
 from uniond.kernel import overlay as engine
-from uniond.layers import diff, snapshot, tree
+from uniond.layers import diff, snapshot, stream, tree
 from uniond.layers import tar as layertar
 from uniond.mounts import options
 from uniond.mounts.records import MountRecord
@@ -94,6 +94,27 @@ class LayerOperations:
                 raise Failed(f"mount {record.id}: its layers are no longer where they were mounted from: {e}") from None
             return await asyncio.to_thread(
                 diff.changes, f"/proc/self/fd/{upper.fd}", [f"/proc/self/fd/{h.fd}" for h in lowers]
+            )
+
+    async def diff_into(self, mount_id: str, fd: int, caller: Caller, opts: dict[str, Any]) -> int:
+        """Diff's entries written to the caller's fd as they are found (see diff.write_into),
+        so that no answer is too large for a message or for the daemon's memory."""
+        opts = options.check("DiffInto", opts, options.DIFF_OPTIONS)
+        stream.check_fd(fd, writing=True)
+        record = self.manager.get(mount_id)
+        if caller.uid != record.owner:
+            await self.manager.authorize(caller, ACTION_EXPORT, opts, record)
+        with self._using(mount_id) as record, contextlib.ExitStack() as held:
+            upper = self._upper_of(held, record)
+            if not upper:
+                return 0
+            try:
+                lowers = [self._places.open(held, f"lowerdirs[{i}]", p) for i, p in enumerate(record.spec.lowerdirs)]
+            except InvalidArgument as e:
+                raise Failed(f"mount {record.id}: its layers are no longer where they were mounted from: {e}") from None
+            # A thread of its own: the caller's reader may take as long as it likes.
+            return await own_thread(
+                diff.write_into, upper, [f"/proc/self/fd/{h.fd}" for h in lowers], stream.Sink(fd)
             )
 
     @contextlib.contextmanager

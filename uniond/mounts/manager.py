@@ -28,8 +28,10 @@ from uniond.constants import ACTION_MOUNT, ACTION_MOUNT_ANY, ACTION_UNMOUNT_OTHE
 from uniond.errors import Busy, Failed, InvalidArgument, NotFound, NotPermitted
 from uniond.kernel import holders, syscalls
 from uniond.kernel import overlay as engine
+from uniond.kernel.mounttable import OverlayUppers
 from uniond.mounts import options, plan, reconcile
 from uniond.mounts.claims import Claims
+from uniond.mounts.holdings import Holdings
 from uniond.mounts.journal import StateStore, boot_id
 from uniond.mounts.plan import MAX_LOWERS, MountRequest
 from uniond.mounts.reconcile import ReconcileReport
@@ -78,6 +80,8 @@ class MountManager:
         self.authority = authority or Authority(None)
         self.configure(config or Config())
         self.records: dict[str, MountRecord] = {}
+        self.holdings = Holdings()  # self.records, indexed (kept in step by _add/_remove)
+        self.kernel = OverlayUppers()
         self._stale: dict[str, MountRecord] = {}  # gone from the kernel, cleanup pending
         self._listeners: list[MountListener] = []
         self._boot_id = boot_id()
@@ -108,7 +112,8 @@ class MountManager:
         """Lock the state, then make the record agree with the kernel (C3)."""
         self.store.lock()
         outcome = reconcile.reconcile(self.store, self._boot_id, progress)
-        self.records.update(outcome.live)
+        for record in outcome.live.values():
+            self._add(record)
         self._stale.update(outcome.stale)
         for record in self.records.values():
             self._notify("mount_added", record)
@@ -151,7 +156,7 @@ class MountManager:
         self._check_quota(caller)
         mount_id = secrets.token_hex(6)
         with contextlib.ExitStack() as held:
-            context = plan.Context(self.places, self.runtime_dir, self._boot_id, self.records.values())
+            context = plan.Context(self.places, self.runtime_dir, self._boot_id, self.holdings, self.kernel)
             checked = plan.make(request, opts, mount_id, caller.uid, context, held)
             action = ACTION_MOUNT if plan.reachable(checked, caller) else ACTION_MOUNT_ANY
             await self.authority.authorize(
@@ -160,14 +165,14 @@ class MountManager:
             # No await from here on: what was authorized is what gets mounted, and the
             # daemon's own state is checked again, as it may have changed meanwhile.
             self._check_quota(caller)
-            plan.recheck(checked, self.records.values())
+            plan.recheck(checked, self.holdings, self.kernel)
             return self._make(checked)
 
     def _check_quota(self, caller: Caller) -> None:
         if caller.is_root:
             return
         limit = self.config.max_mounts_per_uid
-        owned = sum(1 for r in self.records.values() if r.owner == caller.uid)
+        owned = self.holdings.owned[caller.uid]
         if owned >= limit:
             raise NotPermitted(
                 f"uid {caller.uid} already owns {owned} mounts, the limit (max_mounts_per_uid = {limit}); "
@@ -212,7 +217,7 @@ class MountManager:
                 os.close(fd)
         record = dataclasses.replace(record, mnt_id=mnt_id)
         self.store.update(record)
-        self.records[record.id] = record
+        self._add(record)
         log.info("mount %s: mounted %s (owner uid %d)", record.id, spec.mountpoint, record.owner)
         self._notify("mount_added", record)
         return record
@@ -245,12 +250,20 @@ class MountManager:
             if e.errno not in (errno.EINVAL, errno.ENOENT):
                 raise Failed(f"unmounting {mountpoint} failed: {e.strerror}") from e
             log.warning("mount %s: was already unmounted behind the daemon's back", mount_id)
-        del self.records[mount_id]
+        self._remove(record)
         if not reconcile.cleanup(self.store, record):
             self._stale[mount_id] = record
         log.info("mount %s: unmounted %s (asked by uid %d)", mount_id, mountpoint, caller.uid)
         self._notify("mount_removed", record)
         return record
+
+    def _add(self, record: MountRecord) -> None:
+        self.records[record.id] = record
+        self.holdings.add(record)
+
+    def _remove(self, record: MountRecord) -> None:
+        del self.records[record.id]
+        self.holdings.remove(record)
 
     def _notify(self, event: str, record: MountRecord) -> None:
         for listener in self._listeners:

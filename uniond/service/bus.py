@@ -16,10 +16,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from dbus_next import BusType, Message, MessageType, Variant
-from dbus_next.aio import MessageBus
 from dbus_next.constants import NameFlag, RequestNameReply
 from dbus_next.errors import DBusError
-from dbus_next.service import ServiceInterface
 
 from uniond import constants
 from uniond.access.caller import Caller
@@ -28,6 +26,7 @@ from uniond.errors import Failed
 from uniond.mounts.layerops import LayerOperations
 from uniond.mounts.manager import MountManager
 from uniond.mounts.records import MountRecord
+from uniond.service.connection import UniondBus
 from uniond.service.interfaces import ManagerInterface, MountInterface, close_unclaimed_fds, mount_path
 
 log = logging.getLogger(__name__)
@@ -49,42 +48,6 @@ def _ignore_replied_errors(loop: asyncio.AbstractEventLoop, context: dict[str, A
     loop.default_exception_handler(context)
 
 
-class _Bus(MessageBus):
-    """dbus-next declares org.freedesktop.DBus.ObjectManager on every path and answers
-    GetManagedObjects itself, but sends InterfacesAdded/Removed from the object's own
-    path; the specification (and GDBus clients) expect them from the manager's."""
-
-    def _emit_interface_added(self, path, interface):
-        if self._disconnected or not path.startswith(constants.MOUNT_PATH_PREFIX + "/"):
-            return
-        values = {
-            prop.name: Variant(prop.signature, getattr(interface, prop.prop_getter.__name__))
-            for prop in ServiceInterface._get_properties(interface)
-        }
-        self.send(
-            Message.new_signal(
-                constants.MANAGER_PATH,
-                constants.OBJECT_MANAGER_INTERFACE,
-                "InterfacesAdded",
-                "oa{sa{sv}}",
-                [path, {interface.name: values}],
-            )
-        )
-
-    def _emit_interface_removed(self, path, removed_interfaces):
-        if self._disconnected or not path.startswith(constants.MOUNT_PATH_PREFIX + "/"):
-            return
-        self.send(
-            Message.new_signal(
-                constants.MANAGER_PATH,
-                constants.OBJECT_MANAGER_INTERFACE,
-                "InterfacesRemoved",
-                "oas",
-                [path, removed_interfaces],
-            )
-        )
-
-
 class BusService:
     """Connects to the bus, exports the objects and keeps them in step with the manager."""
 
@@ -92,16 +55,16 @@ class BusService:
         self.manager = manager
         self.layers = layers
         self.address = address
-        self.bus: MessageBus | None = None
+        self.bus: UniondBus | None = None
         self.interface = ManagerInterface(self)
         self._callers: OrderedDict[str, Caller] = OrderedDict()  # unique names are never reused
         manager.authority = Authority(self)
 
     async def connect(self) -> None:
         if self.address:
-            self.bus = _Bus(bus_address=self.address, negotiate_unix_fd=True)
+            self.bus = UniondBus(bus_address=self.address, negotiate_unix_fd=True)
         else:
-            self.bus = _Bus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
+            self.bus = UniondBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
         await self.bus.connect()
         asyncio.get_running_loop().set_exception_handler(_ignore_replied_errors)
         self.bus.add_message_handler(close_unclaimed_fds)
@@ -113,6 +76,8 @@ class BusService:
         reply = await self.bus.request_name(constants.BUS_NAME, NameFlag.DO_NOT_QUEUE)
         if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
             raise Failed(f"could not own {constants.BUS_NAME} ({reply.name}): is another uniond running?")
+        # Only now can anyone listen: the adopted mounts are found by GetManagedObjects.
+        self.bus.announcing = True
 
     async def wait_for_disconnect(self) -> None:
         assert self.bus is not None
