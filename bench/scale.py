@@ -26,6 +26,7 @@ Rows (each a repetition pairs a baseline and a uniond figure measured back to ba
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
 import shutil
@@ -153,6 +154,27 @@ class Daemon:
                 self.process.kill()
                 self.process.wait()
         self.process = None
+
+
+@contextlib.contextmanager
+def profiled(daemon: Daemon, name: str):
+    """With BENCH_PYSPY=<dir>, py-spy samples the daemon meanwhile (collapsed stacks in
+    <dir>/<name>.txt): the figures of such a run are not the daemon's alone."""
+    out = os.environ.get("BENCH_PYSPY")
+    if not out or daemon.process is None:
+        yield
+        return
+    os.makedirs(out, exist_ok=True)
+    spy = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "--pid",
+                            str(daemon.process.pid), "--rate", "250", "--format", "raw", "--threads",
+                            "--output", os.path.join(out, f"{name}.txt")], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)
+        spy.wait()
 
 
 # ---- the raw calls ------------------------------------------------------------------
@@ -447,7 +469,8 @@ def main() -> None:
                 bus = RawBus(address)
                 for _ in range(20):
                     bus_round_trip(bus, lowers, upper)
-                ours = median_of(args.pairs, lambda bus=bus: bus_round_trip(bus, lowers, upper))
+                with profiled(empty, "roundtrip-empty"):
+                    ours = median_of(args.pairs, lambda bus=bus: bus_round_trip(bus, lowers, upper))
                 base = median_of(args.pairs, lambda: raw_round_trip(*raw)) + median_of(
                     args.pairs, lambda bus=bus: (ping(bus), ping(bus)))
                 bus.close()
@@ -464,8 +487,9 @@ def main() -> None:
                 row = Row(f"throughput, {args.clients} clients", "raw calls", "pairs/s", ">= 1000 pairs/s")
                 for _ in range(args.reps):
                     row.baselines.append(raw_throughput(lowers, os.path.join(top, "tp"), args.clients, args.seconds))
-                    rate, p99, errors, dcpu, ccpu, first = throughput(
-                        address, empty, lowers, os.path.join(top, "tp"), args.clients, args.seconds)
+                    with profiled(empty, "throughput"):
+                        rate, p99, errors, dcpu, ccpu, first = throughput(
+                            address, empty, lowers, os.path.join(top, "tp"), args.clients, args.seconds)
                     row.ours.append(rate)
                     row.note = (f"p99 {p99 * 1000:.0f} ms (<= 50), errors {errors}"
                                 f"{' (' + first[:60] + ')' if first else ''}, CPU/pair: daemon "
@@ -560,8 +584,9 @@ def main() -> None:
                 bus = RawBus(address)
                 for _ in range(5):
                     bus_round_trip(bus, lowers, upper)
-                rt_row.ours.append(median_of(max(10, args.pairs // 4),
-                                             lambda bus=bus: bus_round_trip(bus, lowers, upper)) * 1000)
+                with profiled(crowded, "roundtrip-crowded"):
+                    rt_row.ours.append(median_of(max(10, args.pairs // 4),
+                                                 lambda bus=bus: bus_round_trip(bus, lowers, upper)) * 1000)
                 for row, member, interface in ((gmo, "GetManagedObjects", "org.freedesktop.DBus.ObjectManager"),
                                                (lst, "ListMounts", "org.uniond1.Manager")):
                     elapsed, size = timed_to_last_byte(bus, member, interface)

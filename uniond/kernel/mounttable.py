@@ -54,17 +54,22 @@ def _statmount(mnt_id: int, buf: ctypes.Array) -> tuple[str, str, tuple[str, ...
         raise OSError(err, f"statmount: {errno.errorcode.get(err, err)}")
     raw = buf.raw
     mask = struct.unpack_from("<Q", raw, 8)[0]
-    if mask & _WANT != _WANT:
-        raise OSError(errno.ENOSYS, "statmount: this kernel does not give options as an array")
 
     def string(offset: int) -> bytes:
         start = _HEADER + offset
         return raw[start : raw.index(b"\0", start)]
 
-    fs_type = string(struct.unpack_from("<I", raw, 36)[0]).decode()
+    # A mount without options, or one outside this root, lacks those parts: only an
+    # overlay's matter, and an overlay always has options.
+    fs_type = string(struct.unpack_from("<I", raw, 36)[0]).decode() if mask & STATMOUNT_FS_TYPE else ""
     if fs_type != "overlay":
         return fs_type, "", ()
-    mountpoint = string(struct.unpack_from("<I", raw, 108)[0])
+    if not mask & STATMOUNT_OPT_ARRAY:
+        raise OSError(errno.ENOSYS, "statmount: this kernel does not give options as an array")
+    if mask & STATMOUNT_MNT_POINT:
+        mountpoint = string(struct.unpack_from("<I", raw, 108)[0])
+    else:
+        mountpoint = b"(a mount outside uniond's root)"
     count, offset = struct.unpack_from("<II", raw, 128)
     uppers, start = [], _HEADER + offset
     for _ in range(count):

@@ -61,7 +61,8 @@ def reconcile(
             record = dataclasses.replace(record, mnt_id=entry.mnt_id)
             live[record.id] = record
             adopted.append(record.id)
-            log.info("mount %s: adopted at %s (kernel mount %d)", record.id, record.spec.mountpoint, entry.mnt_id)
+            # debug: a start with 10,000 mounts would log 10,000 lines (the daemon logs the count)
+            log.debug("mount %s: adopted at %s (kernel mount %d)", record.id, record.spec.mountpoint, entry.mnt_id)
         elif record.spec.workdir in workdirs_in_use:
             stale[record.id] = record
             kept.append(record.id)

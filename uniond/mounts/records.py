@@ -7,7 +7,7 @@ reboots.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from uniond.kernel.overlay import MountSpec
@@ -29,8 +29,12 @@ class MountRecord:
     mnt_id: int = 0  # kernel mount id once mounted (0 = intent only)
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
+        # By hand: dataclasses.asdict deep-copies generically, a third of a start's
+        # compaction with 10,000 records.
+        data = {name: getattr(self, name) for name in _RECORD_FIELDS}
+        data["spec"] = {name: getattr(self.spec, name) for name in _SPEC_FIELDS}
         data["spec"]["lowerdirs"] = list(self.spec.lowerdirs)
+        data["options"] = dict(self.options)
         return data
 
     @classmethod
@@ -38,3 +42,7 @@ class MountRecord:
         spec = dict(data["spec"])
         spec["lowerdirs"] = tuple(spec["lowerdirs"])
         return cls(**{**data, "spec": MountSpec(**spec)})
+
+
+_RECORD_FIELDS = tuple(f.name for f in fields(MountRecord))
+_SPEC_FIELDS = tuple(f.name for f in fields(MountSpec))

@@ -58,6 +58,7 @@ class BusService:
         self.bus: UniondBus | None = None
         self.interface = ManagerInterface(self)
         self._callers: OrderedDict[str, Caller] = OrderedDict()  # unique names are never reused
+        self._packing: asyncio.Future | None = None
         manager.authority = Authority(self)
 
     async def connect(self) -> None:
@@ -78,6 +79,7 @@ class BusService:
             raise Failed(f"could not own {constants.BUS_NAME} ({reply.name}): is another uniond running?")
         # Only now can anyone listen: the adopted mounts are found by GetManagedObjects.
         self.bus.announcing = True
+        self._packing = asyncio.ensure_future(self.bus.pack_entries())
 
     async def wait_for_disconnect(self) -> None:
         assert self.bus is not None

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import array
+import asyncio
 import logging
 import socket
 from typing import Any, Protocol
@@ -137,6 +138,17 @@ class UniondBus(MessageBus):
             Message.new_signal(constants.MANAGER_PATH, constants.OBJECT_MANAGER_INTERFACE, "InterfacesRemoved",
                                "oas", [path, removed_interfaces])
         )
+
+    async def pack_entries(self, batch: int = 200) -> None:
+        """Pack every Mount object's entry ahead of the first GetManagedObjects, a batch
+        per turn of the event loop, so that neither the start nor that call waits for it."""
+        prefix = constants.MOUNT_PATH_PREFIX + "/"
+        for n, (path, ifaces) in enumerate(list(self._path_exports.items()), 1):
+            if path.startswith(prefix):
+                for iface in ifaces:
+                    iface.packed_entry(path)
+            if n % batch == 0:
+                await asyncio.sleep(0)
 
     def _default_get_managed_objects_handler(self, msg: Message, send_reply: Any) -> None:
         if msg.path != constants.MANAGER_PATH:
