@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import collections
 import logging
 import socket
 from typing import Any, Protocol
@@ -33,6 +34,8 @@ from uniond.service import wire
 
 log = logging.getLogger(__name__)
 
+_MAX_IOV = 64  # buffers per sendmsg (the kernel takes up to 1024)
+
 
 class PackedObject(Protocol):
     """A Mount object that can give its ObjectManager entry already packed."""
@@ -41,40 +44,61 @@ class PackedObject(Protocol):
 
 
 class _Writer(_MessageWriter):
+    """Queues marshalled messages and writes them in as few system calls as it can:
+    all that one turn of the event loop queued goes in one sendmsg (a Mount's two
+    signals and its reply), a message with descriptors alone with them."""
+
     def __init__(self, bus: MessageBus) -> None:
         super().__init__(bus)
+        self.queue: collections.deque[list[Any]] = collections.deque()  # [view, fds, future]
         self.waiting = False  # registered with the loop for writability
+        self.flush_soon = False
+
+    def buffer_message(self, msg: Message, future: Any = None) -> None:
+        fds = list(msg.unix_fds or ()) if self.negotiate_unix_fd else []
+        self.queue.append([memoryview(msg._marshall(negotiate_unix_fd=self.negotiate_unix_fd)), fds, future])
+
+    def schedule_write(self, msg: Message | None = None, future: Any = None) -> None:
+        if msg is not None:
+            self.buffer_message(msg, future)
+        if self.bus.unique_name and not self.waiting and not self.flush_soon:
+            self.flush_soon = True
+            self.loop.call_soon(self.write_callback)
 
     def write_callback(self) -> None:
+        self.flush_soon = False
+        queue = self.queue
         try:
-            while True:
-                if self.buf is None:
-                    if self.messages.qsize() == 0:
-                        self._wait(False)
-                        return
-                    buf, unix_fds, fut = self.messages.get_nowait()
-                    self.unix_fds = unix_fds
-                    self.buf = memoryview(buf)
-                    self.offset = 0
-                    self.fut = fut
+            while queue:
+                head = queue[0]
                 try:
-                    if self.unix_fds and self.negotiate_unix_fd:
-                        ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", self.unix_fds))]
-                        self.offset += self.sock.sendmsg([self.buf[self.offset :]], ancdata)
-                        self.unix_fds = None
+                    if head[1]:
+                        ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", head[1]))]
+                        sent = self.sock.sendmsg([head[0]], ancdata)
+                        head[1] = []
                     else:
-                        self.offset += self.sock.send(self.buf[self.offset :])
+                        views = []
+                        for item in queue:
+                            if item[1] or len(views) == _MAX_IOV:
+                                break
+                            views.append(item[0])
+                        sent = self.sock.sendmsg(views)
                 except (BlockingIOError, InterruptedError):
                     self._wait(True)  # the socket's buffer is full: wait until it drains
                     return
-                if self.offset >= len(self.buf):
-                    self.buf = None
-                    _future_set_result(self.fut, None)
-                else:
-                    self._wait(True)
-                    return
+                while sent and queue:
+                    item = queue[0]
+                    if sent < len(item[0]):
+                        item[0] = item[0][sent:]
+                        break
+                    sent -= len(item[0])
+                    queue.popleft()
+                    _future_set_result(item[2], None)
+            self._wait(False)
         except Exception as e:
-            _future_set_exception(self.fut, e)
+            for item in queue:
+                _future_set_exception(item[2], e)
+            queue.clear()
             self.bus._finalize(e)
 
     def _wait(self, on: bool) -> None:
@@ -83,12 +107,6 @@ class _Writer(_MessageWriter):
         elif not on and self.waiting:
             self.loop.remove_writer(self.fd)
         self.waiting = on
-
-    def schedule_write(self, msg: Message | None = None, future: Any = None) -> None:
-        if msg is not None:
-            self.buffer_message(msg, future)
-        if self.bus.unique_name and not self.waiting:
-            self.write_callback()
 
 
 class UniondBus(MessageBus):
