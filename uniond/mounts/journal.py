@@ -94,9 +94,15 @@ class StateStore:
         if durable:
             os.fdatasync(self._journal_fd)
 
-    def intend(self, record: MountRecord) -> None:
-        """Durably note a mount about to be made, before anything is created for it."""
-        self._append({"put": record.to_json()}, durable=True)
+    def intend(self, record: MountRecord, durable: bool = True) -> None:
+        """Durably note a mount about to be made, before anything is created for it;
+        with ``durable`` false the caller syncs (``sync``), once for several Mounts."""
+        self._append({"put": record.to_json()}, durable=durable)
+
+    def sync(self) -> None:
+        """Make every line appended so far durable (safe from a thread of its own)."""
+        if self._journal_fd >= 0:
+            os.fdatasync(self._journal_fd)
 
     def update(self, record: MountRecord) -> None:
         self._append({"put": record.to_json()}, durable=False)

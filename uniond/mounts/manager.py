@@ -4,13 +4,16 @@ It checks requests (through the plan module), keeps the journal (C1), drives the
 kernel room, and tells listeners about every change before the call that caused it
 returns (U3). It knows nothing of D-Bus: callers are plain Caller values,
 authorization goes through an Authority, and errors are uniond.errors classes. Each
-method authorizes before it changes anything, and nothing awaits between the last
-check and the mount, so a caller who disconnects mid-call (or another call racing it)
-never leaves a half-made mount.
+method authorizes before it changes anything. From a Mount's last check on, what it
+uses (upper, workdir, mountpoint, a place in its owner's quota) is held in the
+holdings, and an Unmount's mount counts as gone for other calls, so that the waits
+that follow (the journal's sync, the kernel calls, which run in threads so that calls
+overlap) race nothing; a caller who disconnects mid-call never leaves a half-made mount.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import errno
@@ -18,6 +21,7 @@ import logging
 import os
 import secrets
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from uniond.access.caller import Caller
@@ -31,6 +35,7 @@ from uniond.kernel import overlay as engine
 from uniond.kernel.mounttable import OverlayUppers
 from uniond.mounts import options, plan, reconcile
 from uniond.mounts.claims import Claims
+from uniond.mounts.groupsync import GroupSync
 from uniond.mounts.holdings import Holdings
 from uniond.mounts.journal import StateStore, boot_id
 from uniond.mounts.plan import MAX_LOWERS, MountRequest
@@ -86,6 +91,11 @@ class MountManager:
         self._listeners: list[MountListener] = []
         self._boot_id = boot_id()
         self.claims = Claims()  # what the layer operations are using
+        self._leaving: set[str] = set()  # being unmounted
+        # The kernel calls of Mount and Unmount (umount waits for RCU grace periods, the
+        # journal for the disk) run here, not on the event loop, so calls overlap.
+        self._threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="uniond-kernel")
+        self._sync = GroupSync(store.sync, self._threads)
 
     def configure(self, config: Config) -> None:
         """Take a (re)loaded configuration; paths are compared in canonical form."""
@@ -98,6 +108,8 @@ class MountManager:
     # ---- queries -------------------------------------------------------------
 
     def get(self, mount_id: str) -> MountRecord:
+        if mount_id in self._leaving:
+            raise NotFound(f"mount {mount_id} is being unmounted")
         try:
             return self.records[mount_id]
         except KeyError:
@@ -162,11 +174,13 @@ class MountManager:
             await self.authority.authorize(
                 caller, action, _details(checked.record.spec), options.interactive(opts)
             )
-            # No await from here on: what was authorized is what gets mounted, and the
-            # daemon's own state is checked again, as it may have changed meanwhile.
+            # What was authorized is what gets mounted, and the daemon's own state is
+            # checked again, as it may have changed meanwhile; from that check on, the
+            # plan holds what it uses (upper, workdir, mountpoint, quota) in the holdings,
+            # so that the awaits below (the journal sync, the kernel calls) race nothing.
             self._check_quota(caller)
             plan.recheck(checked, self.holdings, self.kernel)
-            return self._make(checked)
+            return await self._make(checked)
 
     def _check_quota(self, caller: Caller) -> None:
         if caller.is_root:
@@ -179,42 +193,26 @@ class MountManager:
                 "unmount some first"
             )
 
-    def _make(self, checked: plan.Plan) -> MountRecord:
+    async def _make(self, checked: plan.Plan) -> MountRecord:
         record, spec = checked.record, checked.record.spec
-        self.store.intend(record)  # C1: durable before anything exists
-        made: list[int] = []
+        self.holdings.add(record)
         try:
-            workdir_fd = checked.workdir.fd if checked.workdir is not None else None
-            if record.workdir_created:
-                assert checked.upper_parent is not None
-                name = os.path.basename(spec.workdir)
-                os.mkdir(name, 0o700, dir_fd=checked.upper_parent)
-                workdir_fd = syscalls.open_dir_nofollow(name, checked.upper_parent)
-                made.append(workdir_fd)
-            if record.mountpoint_created:
-                os.makedirs(os.path.dirname(spec.mountpoint), mode=0o755, exist_ok=True)
-                os.mkdir(spec.mountpoint, 0o755)
-                mountpoint_fd = syscalls.open_dir_nofollow(spec.mountpoint)
-                made.append(mountpoint_fd)
-            else:
-                assert checked.mountpoint is not None
-                mountpoint_fd = checked.mountpoint.fd
-            fds = engine.LayerFds(
-                lowers=tuple(h.fd for h in checked.lowers),
-                upper=checked.upper.fd if checked.upper is not None else None,
-                workdir=workdir_fd,
-                mountpoint=mountpoint_fd,
-            )
-            mnt_id = engine.mount(spec, fds)
+            self.store.intend(record, durable=False)
+            await self._sync.durable()  # C1: durable before anything exists
+        except BaseException:
+            self.holdings.remove(record)
+            raise
+        try:
+            mnt_id = await self._in_thread(_mount, checked)
         except OSError as e:
+            self.holdings.remove(record)
             self._undo(record)
             raise Failed(f"the kernel refused the mount: {e.strerror or e}") from e
         except BaseException:
+            self.holdings.remove(record)
             self._undo(record)
             raise
-        finally:
-            for fd in made:
-                os.close(fd)
+        self.holdings.remove(record)
         record = dataclasses.replace(record, mnt_id=mnt_id)
         self.store.update(record)
         self._add(record)
@@ -238,9 +236,11 @@ class MountManager:
         if self.claims.in_use(mount_id):
             raise Busy(f"mount {mount_id} is being exported or committed; unmount it when that has finished")
         mountpoint = record.spec.mountpoint
+        self._leaving.add(mount_id)  # to other calls, from here on, it is gone
         try:
-            engine.unmount(mountpoint, lazy=opts.get("lazy", False), mnt_id=record.mnt_id)
+            await self._in_thread(engine.unmount, mountpoint, opts.get("lazy", False), record.mnt_id)
         except OSError as e:
+            self._leaving.discard(mount_id)
             if e.errno == errno.EBUSY:
                 users = ", ".join(str(h) for h in holders.find(mountpoint)) or "no process found"
                 raise Busy(
@@ -250,12 +250,21 @@ class MountManager:
             if e.errno not in (errno.EINVAL, errno.ENOENT):
                 raise Failed(f"unmounting {mountpoint} failed: {e.strerror}") from e
             log.warning("mount %s: was already unmounted behind the daemon's back", mount_id)
+        except BaseException:
+            self._leaving.discard(mount_id)
+            raise
         self._remove(record)
-        if not reconcile.cleanup(self.store, record):
+        self._leaving.discard(mount_id)
+        if await self._in_thread(reconcile.remove_made, record):
+            self.store.drop(mount_id)
+        else:
             self._stale[mount_id] = record
         log.info("mount %s: unmounted %s (asked by uid %d)", mount_id, mountpoint, caller.uid)
         self._notify("mount_removed", record)
         return record
+
+    async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
 
     def _add(self, record: MountRecord) -> None:
         self.records[record.id] = record
@@ -271,3 +280,35 @@ class MountManager:
                 getattr(listener, event)(record)
             except Exception:
                 log.exception("mount %s: listener %s failed on %s", record.id, listener, event)
+
+
+def _mount(checked: plan.Plan) -> int:
+    """The kernel's part of a Mount (in a thread): what the daemon makes for it, then the mount."""
+    record, spec = checked.record, checked.record.spec
+    made: list[int] = []
+    try:
+        workdir_fd = checked.workdir.fd if checked.workdir is not None else None
+        if record.workdir_created:
+            assert checked.upper_parent is not None
+            name = os.path.basename(spec.workdir)
+            os.mkdir(name, 0o700, dir_fd=checked.upper_parent)
+            workdir_fd = syscalls.open_dir_nofollow(name, checked.upper_parent)
+            made.append(workdir_fd)
+        if record.mountpoint_created:
+            os.makedirs(os.path.dirname(spec.mountpoint), mode=0o755, exist_ok=True)
+            os.mkdir(spec.mountpoint, 0o755)
+            mountpoint_fd = syscalls.open_dir_nofollow(spec.mountpoint)
+            made.append(mountpoint_fd)
+        else:
+            assert checked.mountpoint is not None
+            mountpoint_fd = checked.mountpoint.fd
+        fds = engine.LayerFds(
+            lowers=tuple(h.fd for h in checked.lowers),
+            upper=checked.upper.fd if checked.upper is not None else None,
+            workdir=workdir_fd,
+            mountpoint=mountpoint_fd,
+        )
+        return engine.mount(spec, fds)
+    finally:
+        for fd in made:
+            os.close(fd)

@@ -92,6 +92,14 @@ def is_ours(record: MountRecord, entry: mountinfo.MountEntry) -> bool:
 
 def cleanup(store: StateStore, record: MountRecord) -> bool:
     """Remove what the daemon made for a mount that is gone; False if it must be retried."""
+    if not remove_made(record):
+        return False
+    store.drop(record.id)
+    return True
+
+
+def remove_made(record: MountRecord) -> bool:
+    """cleanup's part on the filesystem (no journal: safe in a thread of its own)."""
     spec = record.spec
     try:
         if spec.workdir:
@@ -107,5 +115,4 @@ def cleanup(store: StateStore, record: MountRecord) -> bool:
         # M6: after a crash the upper of a volatile mount may be incomplete.
         log.warning("mount %s: was volatile; its upper %s may be inconsistent", record.id, spec.upperdir)
     log.info("mount %s: gone; cleaned its workdir and daemon-made mountpoint", record.id)
-    store.drop(record.id)
     return True
