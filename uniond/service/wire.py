@@ -95,6 +95,14 @@ def object_entry(path: str, interface: str, properties: Sequence[tuple[str, str,
     return bytes(buf)
 
 
+def strings(*values: str) -> bytes:
+    """A body of strings and object paths only (e.g. signature "os")."""
+    buf = bytearray()
+    for value in values:
+        _string(buf, value)
+    return bytes(buf)
+
+
 def managed_objects(entries: Iterable[bytes]) -> bytes:
     """The body of GetManagedObjects' a{oa{sa{sv}}} answer, from packed entries."""
     parts = [b"\0\0\0\0\0\0\0\0"]
