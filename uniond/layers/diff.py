@@ -167,8 +167,8 @@ def _opaque_value(path: str) -> bytes | None:
     return None
 
 
-def _walk(upper_dir: str, merged_dir: str, lower_dirs: list[str], append: Callable[[tuple[str, int, str]], None],
-          xwhiteouts: bool) -> bool:
+def _walk(upper_dir: str, merged_dir: str, lower_dirs: list[str], out: list[tuple[str, int, str]],
+          xwhiteouts: bool, flush: Callable[[], None] | None = None) -> bool:
     """Report changes below ``upper_dir``; True if an entry was added or deleted directly in it.
 
     The walk stats only what it must, since an lstat costs several times the listing
@@ -187,6 +187,7 @@ def _walk(upper_dir: str, merged_dir: str, lower_dirs: list[str], append: Callab
     listed: frozenset[str] | None = None
     if all(names is not None for _, names in live):
         listed = frozenset().union(*(names for _, names in live if names is not None))
+    append = out.append
     for entry in entries:
         name = entry.name
         merged = merged_dir + name
@@ -229,8 +230,10 @@ def _walk(upper_dir: str, merged_dir: str, lower_dirs: list[str], append: Callab
                 append((merged, _CHANGED_RANK, CHANGED))
                 reported = True
         if is_dir:
-            if _walk(entry.path, merged + "/", below, append, opaque == b"x") and not reported:
+            if _walk(entry.path, merged + "/", below, out, opaque == b"x", flush) and not reported:
                 append((merged, _CHANGED_RANK, CHANGED))  # D4: parent of an A/D is Changed
+    if flush is not None:
+        flush()
     return touched
 
 
@@ -242,7 +245,7 @@ def changes(upperdir: str, lowerdirs: list[str] | tuple[str, ...]) -> list[Chang
     if not upperdir:
         return []
     out: list[tuple[str, int, str]] = []
-    _walk(upperdir, "/", list(lowerdirs), out.append, _opaque_value(upperdir) == b"x")
+    _walk(upperdir, "/", list(lowerdirs), out, _opaque_value(upperdir) == b"x")
     out.sort()  # by path, then D before C before A: tuples compare in C, no key function
     return [(kind, path) for path, _, kind in out]
 
@@ -251,24 +254,25 @@ def write_into(upperdir: str, lowerdirs: list[str] | tuple[str, ...], sink: Sink
     """The changes of ``changes``, written to ``sink`` as they are found, one
     ``KIND SPACE PATH NUL`` record each; returns how many.
 
-    Nothing is gathered, so memory stays flat however many there are (the walk holds one
-    directory's listing per level). The order is the walk's, not sorted: each
-    directory's entries by name, a directory's record before what is below it, except
-    that a directory Changed only because something below it was added or deleted (D4)
-    follows them. The path's bytes are the name's own, so any name survives.
+    Records are gathered one directory at a time and written after it, so memory stays
+    flat however many there are (the walk holds one directory's listing per level).
+    The order is the walk's, not sorted: each directory's entries by name, a
+    directory's record before what is below it, except that a directory Changed only
+    because something below it was added or deleted (D4) follows them. The path's
+    bytes are the name's own, so any name survives.
     """
     if not upperdir:
         return 0
+    out: list[tuple[str, int, str]] = []  # one directory's worth at most: flushed after each
     count = 0
-    write = sink.write
-    fsencode = os.fsencode
 
-    def emit(change: tuple[str, int, str]) -> None:
+    def flush() -> None:
         nonlocal count
-        path, _, kind = change
-        write(_KIND_PREFIX[kind] + fsencode(path) + b"\0")
-        count += 1
+        sink.write(b"".join([_KIND_PREFIX[kind] + path.encode("utf-8", "surrogateescape") + b"\0"
+                             for path, _, kind in out]))
+        count += len(out)
+        out.clear()
 
-    _walk(upperdir, "/", list(lowerdirs), emit, _opaque_value(upperdir) == b"x")
+    _walk(upperdir, "/", list(lowerdirs), out, _opaque_value(upperdir) == b"x", flush)
     sink.flush()
     return count
