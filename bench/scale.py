@@ -132,10 +132,14 @@ class Daemon:
             notify.close()
 
     def cpu(self) -> float:
+        return sum(self.cpu_split())
+
+    def cpu_split(self) -> tuple[float, float]:
+        """(user, system) seconds of CPU the daemon used so far."""
         assert self.process is not None
         with open(f"/proc/{self.process.pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / TICK
+        return int(fields[11]) / TICK, int(fields[12]) / TICK
 
     def rss_mb(self) -> float:
         assert self.process is not None
@@ -274,9 +278,10 @@ def throughput(address: str, daemon: Daemon, lowers: list[str], top: str, client
         procs.append(proc)
     while time.time() < start_at:
         time.sleep(0.001)
-    cpu0 = daemon.cpu()
+    user0, sys0 = daemon.cpu_split()
     results = [p.recv() for p in pipes]
-    daemon_cpu = daemon.cpu() - cpu0
+    user1, sys1 = daemon.cpu_split()
+    daemon_cpu = (user1 - user0, sys1 - sys0)
     for proc in procs:
         proc.join()
     latencies = sorted(x for r in results for x in r[0])
@@ -285,7 +290,8 @@ def throughput(address: str, daemon: Daemon, lowers: list[str], top: str, client
     first_error = next((r[3] for r in results if r[3]), "")
     pairs = len(latencies)
     p99 = latencies[int(len(latencies) * 0.99)] if latencies else float("nan")
-    return pairs / seconds, p99, errors, daemon_cpu / max(pairs, 1), client_cpu / max(pairs, 1), first_error
+    per_pair = (daemon_cpu[0] / max(pairs, 1), daemon_cpu[1] / max(pairs, 1))
+    return pairs / seconds, p99, errors, per_pair, client_cpu / max(pairs, 1), first_error
 
 
 def raw_throughput(lowers: list[str], top: str, clients: int, seconds: float) -> float:
@@ -493,7 +499,8 @@ def main() -> None:
                     row.ours.append(rate)
                     row.note = (f"p99 {p99 * 1000:.0f} ms (<= 50), errors {errors}"
                                 f"{' (' + first[:60] + ')' if first else ''}, CPU/pair: daemon "
-                                f"{dcpu * 1000:.2f} ms, clients {ccpu * 1000:.2f} ms")
+                                f"{sum(dcpu) * 1000:.2f} ms (user {dcpu[0] * 1000:.2f}, system "
+                                f"{dcpu[1] * 1000:.2f}), clients {ccpu * 1000:.2f} ms")
                     print(f"  throughput run: {rate:.0f} pairs/s, {row.note}", flush=True)
                 rows.append(row)
 

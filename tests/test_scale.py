@@ -215,3 +215,34 @@ def test_an_upper_used_by_a_foreign_overlay_is_refused(client, layers, tmp_path)
         subprocess.run(["umount", str(tmp_path / "elsewhere")], check=True)
     path = client.mount([t / "image2"], t / "upper", t / "merge")
     assert client.props(path)["UpperDir"] == str(t / "upper"), "once it is gone, the upper is free"
+
+
+def test_messages_packed_by_hand_equal_dbus_nexts():
+    """uniond packs the messages it sends most (replies, errors, signals) itself; dbus-next's
+    own marshaller is the oracle, byte for byte."""
+    from dbus_next.constants import MessageFlag, MessageType
+
+    from uniond.service import wire
+
+    cases = [
+        Message(path="/org/uniond1", interface="org.uniond1.Manager", member="MountAdded",
+                message_type=MessageType.SIGNAL, signature="os", body=["/org/uniond1/mount/ab", "/tmp/x y"]),
+        Message(message_type=MessageType.METHOD_RETURN, reply_serial=12, destination=":1.9", signature="o",
+                body=["/org/uniond1/mount/abc"]),
+        Message(message_type=MessageType.METHOD_RETURN, reply_serial=12, destination=":1.9"),
+        Message(message_type=MessageType.ERROR, reply_serial=1, destination=":1.9", error_name=f"{E}.Failed",
+                signature="s", body=["naïve ✓ \n text"]),
+        Message(message_type=MessageType.METHOD_RETURN, reply_serial=3, destination=":1.2", signature="aot",
+                body=[["/a/b", "/c"], 2**40 + 5]),
+        Message(message_type=MessageType.SIGNAL, path="/org/uniond1", interface="org.freedesktop.DBus.ObjectManager",
+                member="InterfacesRemoved", signature="oas", body=["/o", ["org.uniond1.Mount"]],
+                flags=MessageFlag.NO_REPLY_EXPECTED),
+        Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus", member="Hello"),
+        Message(message_type=MessageType.METHOD_RETURN, reply_serial=3, destination=":1.2", signature="hb",
+                body=[0, True], unix_fds=[1]),
+    ]
+    for serial, msg in enumerate(cases, 1):
+        msg.serial = serial
+        for fds in (False, True):
+            assert wire.pack(msg, fds) == msg._marshall(negotiate_unix_fd=fds), (msg.member, msg.signature)
+    assert wire.pack(Message(path="/", member="M", signature="a{sv}", body=[{}]), False) is None, "left to dbus-next"

@@ -56,7 +56,8 @@ class _Writer(_MessageWriter):
 
     def buffer_message(self, msg: Message, future: Any = None) -> None:
         fds = list(msg.unix_fds or ()) if self.negotiate_unix_fd else []
-        self.queue.append([memoryview(msg._marshall(negotiate_unix_fd=self.negotiate_unix_fd)), fds, future])
+        data = wire.pack(msg, self.negotiate_unix_fd) or msg._marshall(negotiate_unix_fd=self.negotiate_unix_fd)
+        self.queue.append([memoryview(data), fds, future])
 
     def schedule_write(self, msg: Message | None = None, future: Any = None) -> None:
         if msg is not None:

@@ -16,10 +16,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from dbus_next import Message
-from dbus_next._private.constants import HeaderField
-from dbus_next._private.marshaller import Marshaller
 from dbus_next.constants import MessageType
-from dbus_next.signature import Variant
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -117,6 +114,65 @@ def managed_objects(entries: Iterable[bytes]) -> bytes:
     return b"".join(parts)
 
 
+def _header(msg: Message, body_length: int, unix_fds: int) -> bytes:
+    """The fixed part and the a(yv) fields, in dbus-next's order, padded to 8."""
+    buf = bytearray(16)
+    for code, sig, value in (
+        (1, "o", msg.path), (2, "s", msg.interface), (3, "s", msg.member), (4, "s", msg.error_name),
+        (5, "u", msg.reply_serial), (6, "s", msg.destination), (8, "g", msg.signature), (9, "u", unix_fds),
+    ):
+        if value:
+            _pad(buf, 8)
+            buf.append(code)
+            _signature(buf, sig)
+            if sig == "g":
+                _signature(buf, value)
+            else:
+                _value(buf, sig, value)
+    struct.pack_into("<BBBBIII", buf, 0, LITTLE_ENDIAN, msg.message_type.value, msg.flags.value,
+                     PROTOCOL_VERSION, body_length, msg.serial, len(buf) - 16)
+    _pad(buf, 8)
+    return bytes(buf)
+
+
+_SIMPLE = {"s", "o", "u", "b", "t", "h", "as", "ao"}
+
+
+def _simple_body(signature: str, body: Sequence[Any]) -> bytes | None:
+    """The body of a message made only of strings, paths, integers and string arrays
+    (replies, errors, signals: nearly every message uniond sends), or None."""
+    codes: list[str] = []
+    rest = signature
+    while rest:
+        code = rest[:2] if rest[0] == "a" else rest[0]
+        if code not in _SIMPLE:
+            return None
+        codes.append(code)
+        rest = rest[len(code):]
+    if len(codes) != len(body):
+        return None
+    buf = bytearray()
+    for code, value in zip(codes, body, strict=True):
+        if code == "h":
+            code = "u"
+        elif code == "ao":
+            code = "as"
+        _value(buf, code, value)
+    return bytes(buf)
+
+
+def pack(msg: Message, negotiate_unix_fd: bool) -> bytes | None:
+    """The whole message on the wire, packed by hand, or None to let dbus-next do it."""
+    if isinstance(msg, PackedMessage):
+        body = msg.packed_body
+    else:
+        body = _simple_body(msg.signature, msg.body)
+        if body is None:
+            return None
+    fds = len(msg.unix_fds) if msg.unix_fds and negotiate_unix_fd else 0
+    return _header(msg, len(body), fds) + body
+
+
 class PackedMessage(Message):
     """A message whose body is already packed (dbus-next would marshal ``body``)."""
 
@@ -126,25 +182,7 @@ class PackedMessage(Message):
         self.packed_body = packed_body
 
     def _marshall(self, negotiate_unix_fd: bool = False) -> bytes:
-        fields = []
-        for code, sig, value in (
-            (HeaderField.PATH, "o", self.path),
-            (HeaderField.INTERFACE, "s", self.interface),
-            (HeaderField.MEMBER, "s", self.member),
-            (HeaderField.REPLY_SERIAL, "u", self.reply_serial),
-            (HeaderField.DESTINATION, "s", self.destination),
-            (HeaderField.SIGNATURE, "g", self.signature),
-        ):
-            if value:
-                fields.append([code.value, Variant(sig, value)])
-        header = Marshaller(
-            "yyyyuua(yv)",
-            [LITTLE_ENDIAN, self.message_type.value, self.flags.value, PROTOCOL_VERSION,
-             len(self.packed_body), self.serial, fields],
-        )
-        header.marshall()
-        header.align(8)
-        return bytes(header.buffer) + self.packed_body
+        return _header(self, len(self.packed_body), 0) + self.packed_body
 
 
 def method_return(call: Message, signature: str, packed_body: bytes) -> PackedMessage:
