@@ -55,7 +55,7 @@ def find_policy() -> Path:
         Path(sys.prefix) / "share/dbus-1/system.d" / POLICY_NAME,
         Path("/usr/share/dbus-1/system.d") / POLICY_NAME,
         Path("/etc/dbus-1/system.d") / POLICY_NAME,
-        Path(__file__).resolve().parent.parent / "dbus" / POLICY_NAME,
+        Path(__file__).resolve().parents[2] / "dbus" / POLICY_NAME,  # uniond/service/ -> the tree
     ]
     for path in candidates:
         if path.is_file():
