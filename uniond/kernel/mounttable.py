@@ -8,7 +8,7 @@ that only ever grows and is never reused, lists the ids after a given one
 since 6.13 - STATMOUNT_OPT_ARRAY). So this table learns each mount once, when it first
 sees its id, and forgets it when a lookup finds it gone; a Mount costs one listmount of
 the few mounts made since the last, plus a statmount for each of those. Where the
-kernel lacks them, every lookup reads mountinfo as before.
+kernel lacks them, or a seccomp filter refuses them, every lookup reads mountinfo.
 """
 
 from __future__ import annotations
@@ -97,9 +97,11 @@ class OverlayUppers:
             try:
                 return self._lookup(upper)
             except OSError as e:
-                if e.errno not in (errno.ENOSYS, errno.EINVAL):
+                # ENOSYS, EINVAL: a kernel before 6.13; EPERM: a seccomp filter that does
+                # not know the calls by name (systemd 252's SystemCallFilter= answers so).
+                if e.errno not in (errno.ENOSYS, errno.EINVAL, errno.EPERM):
                     raise
-                self._fallback = True  # a kernel before 6.13: read the whole table
+                self._fallback = True  # read the whole table instead
         for entry in mountinfo.read(fstype="overlay"):
             if upper in entry.option_values("upperdir"):
                 return entry.mountpoint

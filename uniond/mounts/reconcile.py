@@ -22,6 +22,8 @@ from uniond.mounts.records import MountRecord
 
 log = logging.getLogger(__name__)
 
+_ADOPTIONS_LOGGED = 100  # at info level, one line each
+
 
 @dataclass(frozen=True)
 class ReconcileReport:
@@ -61,8 +63,11 @@ def reconcile(
             record = dataclasses.replace(record, mnt_id=entry.mnt_id)
             live[record.id] = record
             adopted.append(record.id)
-            # debug: a start with 10,000 mounts would log 10,000 lines (the daemon logs the count)
-            log.debug("mount %s: adopted at %s (kernel mount %d)", record.id, record.spec.mountpoint, entry.mnt_id)
+            # The first ones at info; past that, a start with 10,000 mounts would write
+            # 10,000 lines (a tenth of its time): the rest at debug, and the count at info.
+            level = logging.INFO if len(adopted) <= _ADOPTIONS_LOGGED else logging.DEBUG
+            log.log(level, "mount %s: adopted at %s (kernel mount %d)", record.id, record.spec.mountpoint,
+                    entry.mnt_id)
         elif record.spec.workdir in workdirs_in_use:
             stale[record.id] = record
             kept.append(record.id)
@@ -75,6 +80,8 @@ def reconcile(
         else:
             stale[record.id] = record
             kept.append(record.id)
+    if len(adopted) > _ADOPTIONS_LOGGED:
+        log.info("%d more mounts adopted (each logged at debug level)", len(adopted) - _ADOPTIONS_LOGGED)
     store.compact({**stale, **live})
     return Outcome(live, stale, ReconcileReport(tuple(adopted), tuple(cleaned), tuple(kept)))
 
