@@ -246,3 +246,31 @@ def test_messages_packed_by_hand_equal_dbus_nexts():
         for fds in (False, True):
             assert wire.pack(msg, fds) == msg._marshall(negotiate_unix_fd=fds), (msg.member, msg.signature)
     assert wire.pack(Message(path="/", member="M", signature="a{sv}", body=[{}]), False) is None, "left to dbus-next"
+
+
+@pytest.mark.parametrize("upper_name", ["upper", "up per,odd"])
+def test_uppers_in_use_are_found_by_mount_id_and_by_mountinfo(tmp_path, upper_name):
+    """M7's kernel side both ways: listmount/statmount, and mountinfo where a seccomp
+    filter (systemd 252's) or an older kernel refuses those calls."""
+    from uniond.kernel.mounttable import OverlayUppers
+
+    for name in ("lower", upper_name, "work", "merge"):
+        (tmp_path / name).mkdir()
+    upper = str(tmp_path / upper_name)
+    by_id, by_table = OverlayUppers(), OverlayUppers()
+    by_table._fallback = True
+    assert by_id.user_of(upper) is None and by_table.user_of(upper) is None
+    fs = syscalls.fsopen("overlay")
+    for key, path in (("lowerdir+", tmp_path / "lower"), ("upperdir", upper), ("workdir", tmp_path / "work")):
+        syscalls.fsconfig_string(fs, key, str(path))
+    syscalls.fsconfig_create(fs)
+    mnt = syscalls.fsmount(fs, 0)
+    syscalls.move_mount(mnt, str(tmp_path / "merge"))
+    os.close(mnt)
+    os.close(fs)
+    try:
+        assert by_id.user_of(upper) == by_table.user_of(upper) == str(tmp_path / "merge")
+        assert by_id.user_of(str(tmp_path / "lower")) is None and by_table.user_of(str(tmp_path / "lower")) is None
+    finally:
+        syscalls.umount(str(tmp_path / "merge"))
+    assert by_id.user_of(upper) is None and by_table.user_of(upper) is None, "gone once unmounted"

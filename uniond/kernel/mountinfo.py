@@ -69,6 +69,9 @@ def parse(text: str, fstype: str = "") -> list[MountEntry]:
     return entries
 
 
-def read(path: str = "/proc/self/mountinfo", fstype: str = "") -> list[MountEntry]:
+MOUNTINFO = "/proc/self/mountinfo"
+
+
+def read(path: str = MOUNTINFO, fstype: str = "") -> list[MountEntry]:
     with open(path, encoding="utf-8", errors="surrogateescape") as f:
         return parse(f.read(), fstype)

@@ -31,6 +31,7 @@ _REQUEST = struct.Struct("<IIQQ")  # struct mnt_id_req, version 0: size, spare, 
 _HEADER = 512  # sizeof(struct statmount); its strings follow, at offsets from here
 _BATCH = 4096
 _BUFFER = 1 << 16
+_ESCAPED = set(" \t\n\\,")  # written as \ooo in mountinfo (a comma too, in overlay options)
 
 __all__ = ["OverlayUppers"]
 
@@ -102,7 +103,13 @@ class OverlayUppers:
                 if e.errno not in (errno.ENOSYS, errno.EINVAL, errno.EPERM):
                     raise
                 self._fallback = True  # read the whole table instead
-        for entry in mountinfo.read(fstype="overlay"):
+        with open(mountinfo.MOUNTINFO, encoding="utf-8", errors="surrogateescape") as f:
+            text = f.read()
+        # A path with none of the characters mountinfo escapes appears there as it is:
+        # if no line names it as an upper, nothing need be parsed (the common case).
+        if not _ESCAPED & set(upper) and f"upperdir={upper}" not in text:
+            return None
+        for entry in mountinfo.parse(text, fstype="overlay"):
             if upper in entry.option_values("upperdir"):
                 return entry.mountpoint
         return None
