@@ -264,7 +264,14 @@ class MountManager:
         return record
 
     async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
+        job = asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            # The thread works on descriptors this call holds open (a stop cancels the
+            # call): they are closed only once it is done with them.
+            await asyncio.wait([job])
+            raise
 
     def _add(self, record: MountRecord) -> None:
         self.records[record.id] = record

@@ -22,7 +22,7 @@ import asyncio
 import collections
 import logging
 import socket
-from typing import Any, Protocol
+from typing import Any
 
 from dbus_next import Message
 from dbus_next.aio import MessageBus
@@ -35,12 +35,6 @@ from uniond.service import wire
 log = logging.getLogger(__name__)
 
 _MAX_IOV = 64  # buffers per sendmsg (the kernel takes up to 1024)
-
-
-class PackedObject(Protocol):
-    """A Mount object that can give its ObjectManager entry already packed."""
-
-    def packed_entry(self, path: str) -> bytes: ...
 
 
 class _Writer(_MessageWriter):
