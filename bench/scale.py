@@ -350,19 +350,24 @@ def timed_to_last_byte(bus: RawBus, member: str, interface: str = "org.uniond1.M
     return elapsed, len(body)
 
 
-def slowest_ping_during(address: str, member: str, interface: str) -> tuple[float, float]:
-    """(seconds for the big call to its last byte, slowest Ping answered meanwhile)."""
+def slowest_ping_during(address: str, member: str, interface: str) -> tuple[float, float, float]:
+    """(seconds for the big call to its last byte, slowest Ping of uniond answered
+    meanwhile, slowest call answered by the bus itself meanwhile): a stall of both is
+    the bus's (dbus-daemon checks and copies the big message), not uniond's."""
     big, pinger = RawBus(address), RawBus(address)
     try:
         start = time.perf_counter()
         serial = big.send("org.uniond1", "/org/uniond1", interface, member)
-        slowest = 0.0
+        slowest = slowest_bus = 0.0
         big.sock.setblocking(False)
         done = None
         while done is None:
             t = time.perf_counter()
             ping(pinger)
             slowest = max(slowest, time.perf_counter() - t)
+            t = time.perf_counter()
+            pinger.call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "GetId")
+            slowest_bus = max(slowest_bus, time.perf_counter() - t)
             try:
                 while True:
                     chunk = big.sock.recv(1 << 20)
@@ -379,7 +384,7 @@ def slowest_ping_during(address: str, member: str, interface: str) -> tuple[floa
             except (TimeoutError, BlockingIOError):
                 pass
             big.sock.setblocking(False)
-        return done, slowest
+        return done, slowest, slowest_bus
     finally:
         big.close()
         pinger.close()
@@ -604,9 +609,10 @@ def main() -> None:
                 for row, member, interface in ((gmo, "GetManagedObjects", "org.freedesktop.DBus.ObjectManager"),
                                                (lst, "ListMounts", "org.uniond1.Manager")):
                     elapsed, size = timed_to_last_byte(bus, member, interface)
-                    done, slowest = slowest_ping_during(address, member, interface)
+                    done, slowest, slowest_bus = slowest_ping_during(address, member, interface)
                     row.ours.append(min(elapsed, done) * 1000)
-                    row.note = f"{size / 1e6:.1f} MB; slowest Ping meanwhile {slowest * 1000:.1f} ms"
+                    row.note = (f"{size / 1e6:.1f} MB; slowest answer meanwhile: Ping of uniond "
+                                f"{slowest * 1000:.1f} ms, GetId of the bus {slowest_bus * 1000:.1f} ms")
                 rss_row.ours.append(crowded.rss_mb())  # after the calls, with what they cached
                 bus.close()
                 crowded.stop()
