@@ -20,8 +20,12 @@ class GroupSync:
         self._running: asyncio.Future | None = None  # the sync under way
         self._next: asyncio.Future | None = None  # the one that starts when it ends
 
-    async def durable(self) -> None:
-        """Return once everything written before this call is on disk."""
+    async def durable(self, alone: bool = False) -> None:
+        """Return once everything written before this call is on disk; ``alone`` (nobody
+        else could join or is waiting) syncs right here, without a thread."""
+        if alone and self._running is None and self._next is None:
+            self._sync()
+            return
         if self._next is None:
             self._next = asyncio.get_running_loop().create_future()
             if self._running is None:

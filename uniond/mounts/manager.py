@@ -96,6 +96,10 @@ class MountManager:
         # journal for the disk) run here, not on the event loop, so calls overlap.
         self._threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="uniond-kernel")
         self._sync = GroupSync(store.sync, self._threads)
+        # Whether another call waits for the event loop (the service knows; without one,
+        # assume so): a call alone runs its kernel calls in place, as a thread would only
+        # add its hand-over to the time the caller waits.
+        self.others_waiting: Callable[[], bool] = lambda: True
 
     def configure(self, config: Config) -> None:
         """Take a (re)loaded configuration; paths are compared in canonical form."""
@@ -200,7 +204,7 @@ class MountManager:
         self.holdings.add(record)
         try:
             self.store.intend(record, durable=False)
-            await self._sync.durable()  # C1: durable before anything exists
+            await self._sync.durable(alone=not self.others_waiting())  # C1: durable before anything exists
         except BaseException:
             self.holdings.remove(record)
             raise
@@ -266,6 +270,8 @@ class MountManager:
         return record
 
     async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if not self.others_waiting():
+            return fn(*args)
         job = asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
         try:
             return await asyncio.shield(job)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import socket
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -39,6 +40,7 @@ _sender: contextvars.ContextVar[str] = contextvars.ContextVar("sender", default=
 # The bus answers such errors when nobody owns (and nothing activates) polkit's name.
 _NO_SUCH_NAME = {"org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner"}
 _PEER_TIMEOUT = 25.0  # dbus-next calls have no timeout of their own
+_KERNEL_CALLS = {("Mount", "asssa{sv}"), ("Unmount", "oa{sv}")}
 
 
 def _ignore_replied_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -60,6 +62,7 @@ class BusService:
         self.interface = ManagerInterface(self)
         self._callers: OrderedDict[str, Caller] = OrderedDict()  # unique names are never reused
         self._packing: asyncio.Future | None = None
+        self.kernel_calls = 0  # Mount and Unmount calls received and not yet answered
         manager.authority = Authority(self)
 
     async def connect(self) -> None:
@@ -71,6 +74,8 @@ class BusService:
         asyncio.get_running_loop().set_exception_handler(_ignore_replied_errors)
         self.bus.add_message_handler(close_unclaimed_fds)
         self.bus.add_message_handler(self._remember_sender)
+        self.bus.add_message_handler(self._count_kernel_call)
+        self.manager.others_waiting = self._others_waiting
         self.bus.export(constants.MANAGER_PATH, self.interface)
         for record in self.manager.list():
             self.mount_added(record, announce=False)
@@ -94,6 +99,26 @@ class BusService:
     def _remember_sender(msg: Message) -> None:
         if msg.message_type == MessageType.METHOD_CALL:
             _sender.set(msg.sender or "")
+
+    def _count_kernel_call(self, msg: Message) -> None:
+        if (
+            msg.message_type == MessageType.METHOD_CALL
+            and msg.path == constants.MANAGER_PATH
+            and (msg.member, msg.signature) in _KERNEL_CALLS
+        ):
+            self.kernel_calls += 1  # ManagerInterface counts them off as they finish
+
+    def _others_waiting(self) -> bool:
+        """More than this one Mount or Unmount under way, or any message not yet read."""
+        if self.kernel_calls > 1:
+            return True
+        assert self.bus is not None
+        try:
+            return bool(self.bus._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
 
     async def _call_bus(self, member: str, signature: str, body: list[Any]) -> Message:
         assert self.bus is not None

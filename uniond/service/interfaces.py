@@ -261,16 +261,22 @@ class ManagerInterface(ServiceInterface):
     @method()
     @translated
     async def Mount(self, lowerdirs: "as", upperdir: "s", mountpoint: "s", options: "a{sv}") -> "o":
-        caller = await self.service.caller()
-        request = MountRequest(tuple(lowerdirs), upperdir, mountpoint, _unwrap_options(options))
-        record = await self.manager.mount(request, caller)
-        return mount_path(record.id)
+        try:
+            caller = await self.service.caller()
+            request = MountRequest(tuple(lowerdirs), upperdir, mountpoint, _unwrap_options(options))
+            record = await self.manager.mount(request, caller)
+            return mount_path(record.id)
+        finally:
+            self.service.kernel_calls -= 1
 
     @method()
     @translated
     async def Unmount(self, mount: "o", options: "a{sv}"):
-        caller = await self.service.caller()
-        await self.manager.unmount(mount_id_of(mount), caller, _unwrap_options(options))
+        try:
+            caller = await self.service.caller()
+            await self.manager.unmount(mount_id_of(mount), caller, _unwrap_options(options))
+        finally:
+            self.service.kernel_calls -= 1
 
     @method()
     @translated
