@@ -21,6 +21,9 @@ Rows (each a repetition pairs a baseline and a uniond figure measured back to ba
   lowers       Mount+Unmount with 1, 10, 100, 500 lowers vs the raw calls with as many
   Diff         Diff / DiffInto of a 100,000-entry upper vs a names-only scandir walk
   layers       ExportDiff / ImportLayer of 100,000 files of 1 KiB vs tar -c / tar -x
+  floor        a service that does nothing but answer Mount and Unmount (and send the
+               same signals), under dbus-next and under dbus-fast: the library's own cost
+               (bench/floor_service.py; dbus-fast only if installed: pip install dbus-fast)
 """
 
 from __future__ import annotations
@@ -179,6 +182,25 @@ def profiled(daemon: Daemon, name: str):
     finally:
         spy.send_signal(signal.SIGINT)
         spy.wait()
+
+
+class Floor(Daemon):
+    """bench/floor_service.py under one D-Bus library: the library's own cost."""
+
+    def __init__(self, top: str, address: str, library: str) -> None:
+        super().__init__(top, address, f"floor-{library}")
+        self.library = library
+
+    def start(self, timeout: float = 60) -> float:
+        started = time.perf_counter()
+        self.process = subprocess.Popen(
+            [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "floor_service.py"),
+             self.library, self.address], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert self.process.stdout is not None
+        if self.process.stdout.readline() != b"ready\n":
+            self.process.wait()
+            raise RuntimeError(f"{self.library} is not installed (pip install {self.library})")
+        return time.perf_counter() - started
 
 
 # ---- the raw calls ------------------------------------------------------------------
@@ -445,7 +467,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="length of a throughput run")
     parser.add_argument("--files", type=int, default=100000, help="entries of the Diff and layer uppers")
     parser.add_argument("--only", default="", help="comma-separated rows: start,roundtrip,throughput,lowers,"
-                        "diff,layers (default all)")
+                        "diff,layers,floor (default all)")
     args = parser.parse_args()
     require_private_namespace()
     only = set(filter(None, args.only.split(",")))
@@ -581,6 +603,37 @@ def main() -> None:
                 bus.close()
         finally:
             empty.stop()
+
+        # ---- the library's floor: a service that does nothing but answer --------------------
+        if wanted("floor"):
+            for library in ("dbus-next", "dbus-fast"):
+                floor = Floor(top, address, library)
+                lat = Row(f"floor: Mount+Unmount doing nothing, {library}", "raw calls + 2 Ping", "ms",
+                          "(uniond: <= 1.5x)")
+                tput = Row(f"floor: throughput doing nothing, {library}, {args.clients} clients", "-",
+                           "pairs/s", "(uniond: >= 1000)")
+                try:
+                    floor.start()
+                except RuntimeError as e:
+                    lat.failed = tput.failed = str(e)
+                    rows += [lat, tput]
+                    continue
+                try:
+                    bus = RawBus(address)
+                    for rep in range(args.reps):
+                        lat.baselines.append(lat_row.baselines[rep % len(lat_row.baselines)]
+                                             if lat_row.baselines else float("nan"))
+                        lat.ours.append(median_of(args.pairs, lambda bus=bus: bus_round_trip(bus, lowers, upper))
+                                        * 1000)
+                    bus.close()
+                    rate, p99, errors, dcpu, ccpu, first = throughput(
+                        address, floor, lowers, os.path.join(top, "tp"), args.clients, args.seconds)
+                    tput.ours.append(rate)
+                    tput.note = (f"p99 {p99 * 1000:.0f} ms, errors {errors}, CPU/pair: service "
+                                 f"{sum(dcpu) * 1000:.2f} ms (user {dcpu[0] * 1000:.2f}), clients {ccpu * 1000:.2f} ms")
+                finally:
+                    floor.stop()
+                rows += [lat, tput]
 
         # ---- with --live mounts to adopt --------------------------------------------------
         if wanted("start") or wanted("roundtrip"):
