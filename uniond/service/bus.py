@@ -104,6 +104,7 @@ class BusService:
         if (
             msg.message_type == MessageType.METHOD_CALL
             and msg.path == constants.MANAGER_PATH
+            and msg.interface == constants.MANAGER_INTERFACE  # dbus-next dispatches only these
             and (msg.member, msg.signature) in _KERNEL_CALLS
         ):
             self.kernel_calls += 1  # ManagerInterface counts them off as they finish
