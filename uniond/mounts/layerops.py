@@ -168,6 +168,11 @@ class LayerOperations:
         canonical = self._places.placed("destdir", destdir)
         await self.manager.authorize(caller, ACTION_COMMIT, opts, self.manager.get(mount_id), destdir=canonical)
         with self._using(mount_id) as record, contextlib.ExitStack() as held:
+            if record.detached:
+                raise Busy(
+                    f"mount {mount_id} was detached by a lazy Unmount; Commit needs it in place "
+                    "(ExportDiff still reads its upper)"
+                )
             dest = self._destdir(held, canonical)
             upper = self._upper_of(held, record)
             result = await asyncio.to_thread(_commit, record, upper, f"/proc/self/fd/{dest.fd}/.")

@@ -11,6 +11,7 @@ never leaves a half-made mount.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import errno
@@ -39,11 +40,15 @@ __all__ = ["MountManager", "MountRequest", "MountListener", "ReconcileReport"]
 
 log = logging.getLogger(__name__)
 
+DETACHED_POLL_SECONDS = 2.0  # how soon the last user of a detached mount is noticed
+
 
 class MountListener(Protocol):
     def mount_added(self, record: MountRecord) -> None: ...
 
     def mount_removed(self, record: MountRecord) -> None: ...
+
+    def mount_changed(self, record: MountRecord) -> None: ...
 
 
 def _escape(path: str) -> str:
@@ -230,11 +235,14 @@ class MountManager:
         action = ACTION_UNMOUNT_OWN if caller.uid == record.owner else ACTION_UNMOUNT_OTHER
         await self.authorize(caller, action, opts, record)
         record = self.get(mount_id)  # another call may have unmounted it meanwhile
+        lazy = opts.get("lazy", False)
+        if record.detached:
+            return self._unmount_detached(record, lazy)
         if self.claims.in_use(mount_id):
             raise Busy(f"mount {mount_id} is being exported or committed; unmount it when that has finished")
         mountpoint = record.spec.mountpoint
         try:
-            engine.unmount(mountpoint, lazy=opts.get("lazy", False), mnt_id=record.mnt_id)
+            engine.unmount(mountpoint, lazy=lazy, mnt_id=record.mnt_id)
         except OSError as e:
             if e.errno == errno.EBUSY:
                 users = ", ".join(str(h) for h in holders.find(mountpoint)) or "no process found"
@@ -245,16 +253,76 @@ class MountManager:
             if e.errno not in (errno.EINVAL, errno.ENOENT):
                 raise Failed(f"unmounting {mountpoint} failed: {e.strerror}") from e
             log.warning("mount %s: was already unmounted behind the daemon's back", mount_id)
-        del self.records[mount_id]
-        if not reconcile.cleanup(self.store, record):
-            self._stale[mount_id] = record
+        if lazy and record.mnt_id and holders.holding({record.mnt_id}):
+            # M12: the overlay lives on for the processes inside it; its workdir must too.
+            return self._detach(record, caller)
+        self._forget(record)
         log.info("mount %s: unmounted %s (asked by uid %d)", mount_id, mountpoint, caller.uid)
-        self._notify("mount_removed", record)
         return record
+
+    def _detach(self, record: MountRecord, caller: Caller) -> MountRecord:
+        record = dataclasses.replace(record, detached=True)
+        self.records[record.id] = record
+        self.store.update(record)
+        log.info(
+            "mount %s: detached from %s (asked by uid %d); cleaned once its last user has gone",
+            record.id, record.spec.mountpoint, caller.uid,
+        )
+        self._notify("mount_changed", record)
+        return record
+
+    def _unmount_detached(self, record: MountRecord, lazy: bool) -> MountRecord:
+        users = holders.holding({record.mnt_id}).get(record.mnt_id, [])
+        if not users:
+            self._forget(record)
+            log.info("mount %s: detached mount unused now; cleaned", record.id)
+        elif not lazy:
+            raise Busy(
+                f"mount {record.id} is already detached and still used by: {', '.join(map(str, users))}; "
+                "it is cleaned when they have gone"
+            )
+        return record
+
+    def _forget(self, record: MountRecord) -> None:
+        """The mount is gone from the kernel: clean what the daemon made and drop it."""
+        del self.records[record.id]
+        if not reconcile.cleanup(self.store, record):
+            self._stale[record.id] = record
+        self._notify("mount_removed", record)
+
+    def detached(self) -> list[MountRecord]:
+        return [r for r in self.records.values() if r.detached]
+
+    def sweep_detached(self, held: dict[int, list[holders.Holder]] | None = None) -> list[MountRecord]:
+        """Clean every detached mount that no process holds any more (M12); run every
+        few seconds while there are detached mounts (watch_detached does). ``held``:
+        a scan of the holders made meanwhile, off the event loop."""
+        waiting = self.detached()
+        if not waiting:
+            return []
+        if held is None:
+            held = holders.holding({r.mnt_id for r in waiting})
+        gone = []
+        for record in waiting:
+            if record.mnt_id not in held and self.records.get(record.id) == record:
+                self._forget(record)
+                log.info("mount %s: the last user of the detached mount has gone; cleaned", record.id)
+                gone.append(record)
+        return gone
+
+    async def watch_detached(self, interval: float = DETACHED_POLL_SECONDS) -> None:
+        """Forever: notice detached mounts whose last user has gone (within ``interval``)."""
+        while True:
+            await asyncio.sleep(interval)
+            ids = {r.mnt_id for r in self.detached()}
+            if ids:
+                self.sweep_detached(await asyncio.to_thread(holders.holding, ids))
 
     def _notify(self, event: str, record: MountRecord) -> None:
         for listener in self._listeners:
             try:
-                getattr(listener, event)(record)
+                handler = getattr(listener, event, None)
+                if handler is not None:
+                    handler(record)
             except Exception:
                 log.exception("mount %s: listener %s failed on %s", record.id, listener, event)

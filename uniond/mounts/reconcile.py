@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from uniond.kernel import mountinfo
+from uniond.kernel import holders, mountinfo
 from uniond.kernel import overlay as engine
 from uniond.mounts.journal import StateStore
 from uniond.mounts.records import MountRecord
@@ -47,7 +47,16 @@ def reconcile(
     recorded = store.load()
     table = mountinfo.read()
     at = {e.mountpoint: e for e in table}  # the last (top-most) mount wins
+    in_table = {e.mnt_id for e in table}
     workdirs_in_use = {w for e in table if e.fstype == "overlay" for w in e.option_values("workdir")}
+    # M12: a mount of this boot that is in no table but still held by a process was
+    # detached by a lazy Unmount (perhaps just before a crash): it lives on, so does
+    # its workdir.
+    maybe_detached = {
+        r.mnt_id for r in recorded.values()
+        if r.boot_id == boot_id and r.mnt_id and r.mnt_id not in in_table
+    }
+    held = holders.holding(maybe_detached)
     live: dict[str, MountRecord] = {}
     stale: dict[str, MountRecord] = {}
     adopted, cleaned, kept = [], [], []
@@ -57,7 +66,13 @@ def reconcile(
             progress()
             last_progress = time.monotonic()
         entry = at.get(record.spec.mountpoint)
-        if record.boot_id == boot_id and entry is not None and is_ours(record, entry):
+        if record.boot_id == boot_id and record.mnt_id in held:
+            record = dataclasses.replace(record, detached=True)
+            live[record.id] = record
+            adopted.append(record.id)
+            log.info("mount %s: adopted as detached, still used by %s", record.id,
+                     ", ".join(map(str, held[record.mnt_id])))
+        elif record.boot_id == boot_id and entry is not None and not record.detached and is_ours(record, entry):
             record = dataclasses.replace(record, mnt_id=entry.mnt_id)
             live[record.id] = record
             adopted.append(record.id)

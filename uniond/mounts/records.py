@@ -27,6 +27,9 @@ class MountRecord:
     workdir_created: bool = False  # the daemon made the workdir, so it may remove it (C4)
     mountpoint_created: bool = False
     mnt_id: int = 0  # kernel mount id once mounted (0 = intent only)
+    # Lazily unmounted while in use (M12): the overlay lives on, detached from every
+    # path, until its last user has gone; its workdir and upper stay claimed till then.
+    detached: bool = False
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

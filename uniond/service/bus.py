@@ -95,6 +95,7 @@ class BusService:
         self.bus: MessageBus | None = None
         self.interface = ManagerInterface(self)
         self._callers: OrderedDict[str, Caller] = OrderedDict()  # unique names are never reused
+        self._objects: dict[str, MountInterface] = {}  # mount id -> its exported object
         manager.authority = Authority(self)
 
     async def connect(self) -> None:
@@ -193,12 +194,23 @@ class BusService:
     def mount_added(self, record: MountRecord, announce: bool = True) -> None:
         assert self.bus is not None
         path = mount_path(record.id)
-        self.bus.export(path, MountInterface(record))
+        self._objects[record.id] = MountInterface(record)
+        self.bus.export(path, self._objects[record.id])
         if announce:
             self.interface.MountAdded(path, record.spec.mountpoint)
 
     def mount_removed(self, record: MountRecord) -> None:
         assert self.bus is not None
         path = mount_path(record.id)
+        self._objects.pop(record.id, None)
         self.bus.unexport(path)
         self.interface.MountRemoved(path, record.spec.mountpoint)
+
+    def mount_changed(self, record: MountRecord) -> None:
+        interface = self._objects.get(record.id)
+        if interface is None:
+            return
+        before = interface.record
+        interface.record = record
+        if before.detached != record.detached:
+            interface.emit_properties_changed({"Detached": record.detached})

@@ -100,6 +100,7 @@ class Daemon:
             loop.add_signal_handler(signum, self.stop_event.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         self._start_watchdog(loop)
+        detached_watch = asyncio.ensure_future(self.manager.watch_detached())
         self.notifier.ready(self.status_line())
         log.info("uniond %s ready on %s: %s", constants.VERSION, constants.BUS_NAME, self.status_line())
 
@@ -108,6 +109,7 @@ class Daemon:
         await asyncio.wait({disconnected, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if self._watchdog is not None:
             self._watchdog.cancel()
+        detached_watch.cancel()
         if disconnected.done():
             # Retrieve the reason: asyncio would otherwise print it as a traceback.
             reason = disconnected.exception()
