@@ -26,7 +26,7 @@ from uniond.access.paths import Places
 from uniond.access.polkit import Authority
 from uniond.config import Config
 from uniond.constants import ACTION_MOUNT, ACTION_MOUNT_ANY, ACTION_UNMOUNT_OTHER, ACTION_UNMOUNT_OWN
-from uniond.errors import Busy, Failed, InvalidArgument, NotFound, NotPermitted
+from uniond.errors import Busy, Failed, InvalidArgument, NotFound, NotPermitted, NotRecorded
 from uniond.kernel import holders, syscalls
 from uniond.kernel import overlay as engine
 from uniond.mounts import options, plan, reconcile
@@ -181,7 +181,10 @@ class MountManager:
 
     def _make(self, checked: plan.Plan) -> MountRecord:
         record, spec = checked.record, checked.record.spec
-        self.store.intend(record)  # C1: durable before anything exists
+        try:
+            self.store.intend(record)  # C1: durable before anything exists
+        except NotRecorded as e:
+            raise NotRecorded(f"uniond could not record the mount, so it made none: {e}") from None
         made: list[int] = []
         try:
             workdir_fd = checked.workdir.fd if checked.workdir is not None else None
