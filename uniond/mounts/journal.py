@@ -26,6 +26,7 @@ import os
 import time
 
 from uniond.errors import Failed, NotRecorded
+from uniond.mounts import crash
 from uniond.mounts.records import MountRecord
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ class StateStore:
                 for record in records.values():
                     _write_all(f.fileno(), _line({"put": record.to_json()}))
                 os.fsync(f.fileno())
+            crash.point("reconcile.compacting")
             os.replace(tmp, self.path)
             _sync_directory(self.directory)
         except OSError as e:

@@ -29,9 +29,10 @@ from uniond.constants import ACTION_MOUNT, ACTION_MOUNT_ANY, ACTION_UNMOUNT_OTHE
 from uniond.errors import Busy, Failed, InvalidArgument, NotFound, NotPermitted, NotRecorded
 from uniond.kernel import holders, syscalls
 from uniond.kernel import overlay as engine
-from uniond.mounts import options, plan, reconcile
+from uniond.mounts import crash, options, plan, reconcile
 from uniond.mounts.claims import Claims
 from uniond.mounts.journal import StateStore, boot_id
+from uniond.mounts.marks import Marks, write_workdir_marker
 from uniond.mounts.plan import MAX_LOWERS, MountRequest
 from uniond.mounts.reconcile import ReconcileReport
 from uniond.mounts.records import MountRecord, MountSpec
@@ -87,6 +88,7 @@ class MountManager:
         self._listeners: list[MountListener] = []
         self._boot_id = boot_id()
         self.claims = Claims()  # what the layer operations are using
+        self.marks = Marks(runtime_dir)
 
     def configure(self, config: Config) -> None:
         """Take a (re)loaded configuration; paths are compared in canonical form."""
@@ -112,7 +114,7 @@ class MountManager:
     def start(self, progress: Callable[[], None] | None = None) -> ReconcileReport:
         """Lock the state, then make the record agree with the kernel (C3)."""
         self.store.lock()
-        outcome = reconcile.reconcile(self.store, self._boot_id, progress)
+        outcome = reconcile.reconcile(self.store, self.marks, self._boot_id, progress)
         self.records.update(outcome.live)
         self._stale.update(outcome.stale)
         for record in self.records.values():
@@ -185,6 +187,7 @@ class MountManager:
             self.store.intend(record)  # C1: durable before anything exists
         except NotRecorded as e:
             raise NotRecorded(f"uniond could not record the mount, so it made none: {e}") from None
+        crash.point("mount.intended")
         made: list[int] = []
         try:
             workdir_fd = checked.workdir.fd if checked.workdir is not None else None
@@ -194,6 +197,10 @@ class MountManager:
                 os.mkdir(name, 0o700, dir_fd=checked.upper_parent)
                 workdir_fd = syscalls.open_dir_nofollow(name, checked.upper_parent)
                 made.append(workdir_fd)
+                crash.point("mount.workdir-made")
+                write_workdir_marker(workdir_fd, record)
+            self.marks.put(record)
+            crash.point("mount.marked")
             if record.mountpoint_created:
                 os.makedirs(os.path.dirname(spec.mountpoint), mode=0o755, exist_ok=True)
                 os.mkdir(spec.mountpoint, 0o755)
@@ -209,6 +216,7 @@ class MountManager:
                 mountpoint=mountpoint_fd,
             )
             mnt_id = engine.mount(spec, fds)
+            crash.point("mount.attached")
         except OSError as e:
             self._undo(record)
             raise Failed(f"the kernel refused the mount: {e.strerror or e}") from e
@@ -219,14 +227,24 @@ class MountManager:
             for fd in made:
                 os.close(fd)
         record = dataclasses.replace(record, mnt_id=mnt_id)
+        # Not written (a full disk): the mount is made and kept all the same, since its
+        # synced intent and its marks are what a start recognises it by (C1, C4).
         self.store.update(record)
+        self._remark(record)
+        crash.point("mount.recorded")
         self.records[record.id] = record
         log.info("mount %s: mounted %s (owner uid %d)", record.id, spec.mountpoint, record.owner)
         self._notify("mount_added", record)
         return record
 
+    def _remark(self, record: MountRecord) -> None:
+        try:
+            self.marks.put(record)
+        except OSError as e:  # the intent's mark stays, which recognises the mount too
+            log.warning("mount %s: its mark could not be updated: %s", record.id, e)
+
     def _undo(self, record: MountRecord) -> None:
-        if reconcile.cleanup(self.store, record):
+        if reconcile.cleanup(self.store, record, self.marks):
             return
         self._stale[record.id] = record
 
@@ -256,6 +274,7 @@ class MountManager:
             if e.errno not in (errno.EINVAL, errno.ENOENT):
                 raise Failed(f"unmounting {mountpoint} failed: {e.strerror}") from e
             log.warning("mount %s: was already unmounted behind the daemon's back", mount_id)
+        crash.point("unmount.unmounted")
         if lazy and record.mnt_id and holders.holding({record.mnt_id}):
             # M12: the overlay lives on for the processes inside it; its workdir must too.
             return self._detach(record, caller)
@@ -267,6 +286,7 @@ class MountManager:
         record = dataclasses.replace(record, detached=True)
         self.records[record.id] = record
         self.store.update(record)
+        self._remark(record)
         log.info(
             "mount %s: detached from %s (asked by uid %d); cleaned once its last user has gone",
             record.id, record.spec.mountpoint, caller.uid,
@@ -289,7 +309,7 @@ class MountManager:
     def _forget(self, record: MountRecord) -> None:
         """The mount is gone from the kernel: clean what the daemon made and drop it."""
         del self.records[record.id]
-        if not reconcile.cleanup(self.store, record):
+        if not reconcile.cleanup(self.store, record, self.marks):
             self._stale[record.id] = record
         self._notify("mount_removed", record)
 
