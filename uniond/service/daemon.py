@@ -28,6 +28,8 @@ from uniond.service.notify import Notifier
 
 log = logging.getLogger("uniond")
 
+STOP_GRACE_SECONDS = 3.0  # a stop waits this long for calls in flight (TimeoutStopSec is 90 s)
+
 
 def _directory(variable: str, default: str) -> str:
     # systemd passes a colon-separated list when a unit names several directories.
@@ -116,11 +118,13 @@ class Daemon:
             why = f"{type(reason).__name__}: {reason}" if reason else "closed by the bus"
             log.error("lost the bus connection (%s); exiting so that systemd restarts uniond", why)
             stopped.cancel()
+            await service.drain(0)  # nobody to answer: the calls in flight just end
             code = 1
         else:
             self.notifier.stopping()
             log.info("stopping; %s stay in place for the programs using them", self.status_line())
             disconnected.cancel()
+            await service.drain(STOP_GRACE_SECONDS)
             service.disconnect()
             code = 0
         self.manager.store.close()
