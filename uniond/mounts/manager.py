@@ -29,15 +29,16 @@ from uniond.access.paths import Places
 from uniond.access.polkit import Authority
 from uniond.config import Config
 from uniond.constants import ACTION_MOUNT, ACTION_MOUNT_ANY, ACTION_UNMOUNT_OTHER, ACTION_UNMOUNT_OWN
-from uniond.errors import Busy, Failed, InvalidArgument, NotFound, NotPermitted
+from uniond.errors import Busy, Failed, InvalidArgument, NotFound, NotPermitted, NotRecorded
 from uniond.kernel import holders, syscalls
 from uniond.kernel import overlay as engine
 from uniond.kernel.mounttable import OverlayUppers
-from uniond.mounts import options, plan, reconcile
+from uniond.mounts import crash, options, plan, reconcile
 from uniond.mounts.claims import Claims
 from uniond.mounts.groupsync import GroupSync
 from uniond.mounts.holdings import Holdings
 from uniond.mounts.journal import StateStore, boot_id
+from uniond.mounts.marks import Marks, write_workdir_marker
 from uniond.mounts.plan import MAX_LOWERS, MountRequest
 from uniond.mounts.reconcile import ReconcileReport
 from uniond.mounts.records import MountRecord, MountSpec
@@ -46,11 +47,15 @@ __all__ = ["MountManager", "MountRequest", "MountListener", "ReconcileReport"]
 
 log = logging.getLogger(__name__)
 
+DETACHED_POLL_SECONDS = 2.0  # how soon the last user of a detached mount is noticed
+
 
 class MountListener(Protocol):
     def mount_added(self, record: MountRecord) -> None: ...
 
     def mount_removed(self, record: MountRecord) -> None: ...
+
+    def mount_changed(self, record: MountRecord) -> None: ...
 
 
 def _escape(path: str) -> str:
@@ -91,6 +96,7 @@ class MountManager:
         self._listeners: list[MountListener] = []
         self._boot_id = boot_id()
         self.claims = Claims()  # what the layer operations are using
+        self.marks = Marks(runtime_dir)
         self._leaving: set[str] = set()  # being unmounted
         # The kernel calls of Mount and Unmount (umount waits for RCU grace periods, the
         # journal for the disk) run here, not on the event loop, so calls overlap.
@@ -127,7 +133,7 @@ class MountManager:
     def start(self, progress: Callable[[], None] | None = None) -> ReconcileReport:
         """Lock the state, then make the record agree with the kernel (C3)."""
         self.store.lock()
-        outcome = reconcile.reconcile(self.store, self._boot_id, progress)
+        outcome = reconcile.reconcile(self.store, self.marks, self._boot_id, progress)
         for record in outcome.live.values():
             self._add(record)
         self._stale.update(outcome.stale)
@@ -205,11 +211,15 @@ class MountManager:
         try:
             self.store.intend(record, durable=False)
             await self._sync.durable(alone=not self.others_waiting())  # C1: durable before anything exists
+        except NotRecorded as e:
+            self.holdings.remove(record)
+            raise NotRecorded(f"uniond could not record the mount, so it made none: {e}") from None
         except BaseException:
             self.holdings.remove(record)
             raise
+        crash.point("mount.intended")
         try:
-            mnt_id = await self._in_thread(_mount, checked)
+            mnt_id = await self._in_thread(self._mount, checked)
         except OSError as e:
             self.holdings.remove(record)
             self._undo(record)
@@ -220,14 +230,62 @@ class MountManager:
             raise
         self.holdings.remove(record)
         record = dataclasses.replace(record, mnt_id=mnt_id)
+        # Not written (a full disk): the mount is made and kept all the same, since its
+        # synced intent and its marks are what a start recognises it by (C1, C4).
         self.store.update(record)
+        self._remark(record)
+        crash.point("mount.recorded")
         self._add(record)
         log.info("mount %s: mounted %s (owner uid %d)", record.id, spec.mountpoint, record.owner)
         self._notify("mount_added", record)
         return record
 
+    def _mount(self, checked: plan.Plan) -> int:
+        """The kernel's part of a Mount (in a thread): what the daemon makes for it, its
+        marks, then the mount."""
+        record, spec = checked.record, checked.record.spec
+        made: list[int] = []
+        try:
+            workdir_fd = checked.workdir.fd if checked.workdir is not None else None
+            if record.workdir_created:
+                assert checked.upper_parent is not None
+                name = os.path.basename(spec.workdir)
+                os.mkdir(name, 0o700, dir_fd=checked.upper_parent)
+                workdir_fd = syscalls.open_dir_nofollow(name, checked.upper_parent)
+                made.append(workdir_fd)
+                crash.point("mount.workdir-made")
+                write_workdir_marker(workdir_fd, record)
+            self.marks.put(record)
+            crash.point("mount.marked")
+            if record.mountpoint_created:
+                os.makedirs(os.path.dirname(spec.mountpoint), mode=0o755, exist_ok=True)
+                os.mkdir(spec.mountpoint, 0o755)
+                mountpoint_fd = syscalls.open_dir_nofollow(spec.mountpoint)
+                made.append(mountpoint_fd)
+            else:
+                assert checked.mountpoint is not None
+                mountpoint_fd = checked.mountpoint.fd
+            fds = engine.LayerFds(
+                lowers=tuple(h.fd for h in checked.lowers),
+                upper=checked.upper.fd if checked.upper is not None else None,
+                workdir=workdir_fd,
+                mountpoint=mountpoint_fd,
+            )
+            mnt_id = engine.mount(spec, fds)
+            crash.point("mount.attached")
+            return mnt_id
+        finally:
+            for fd in made:
+                os.close(fd)
+
+    def _remark(self, record: MountRecord) -> None:
+        try:
+            self.marks.put(record)
+        except OSError as e:  # the intent's mark stays, which recognises the mount too
+            log.warning("mount %s: its mark could not be updated: %s", record.id, e)
+
     def _undo(self, record: MountRecord) -> None:
-        if reconcile.cleanup(self.store, record):
+        if reconcile.cleanup(self.store, record, self.marks):
             return
         self._stale[record.id] = record
 
@@ -239,12 +297,15 @@ class MountManager:
         action = ACTION_UNMOUNT_OWN if caller.uid == record.owner else ACTION_UNMOUNT_OTHER
         await self.authorize(caller, action, opts, record)
         record = self.get(mount_id)  # another call may have unmounted it meanwhile
+        lazy = opts.get("lazy", False)
+        if record.detached:
+            return self._unmount_detached(record, lazy)
         if self.claims.in_use(mount_id):
             raise Busy(f"mount {mount_id} is being exported or committed; unmount it when that has finished")
         mountpoint = record.spec.mountpoint
         self._leaving.add(mount_id)  # to other calls, from here on, it is gone
         try:
-            await self._in_thread(engine.unmount, mountpoint, opts.get("lazy", False), record.mnt_id)
+            await self._in_thread(engine.unmount, mountpoint, lazy, record.mnt_id)
         except OSError as e:
             self._leaving.discard(mount_id)
             if e.errno == errno.EBUSY:
@@ -259,15 +320,55 @@ class MountManager:
         except BaseException:
             self._leaving.discard(mount_id)
             raise
+        crash.point("unmount.unmounted")
+        if lazy and record.mnt_id and holders.holding({record.mnt_id}):
+            # M12: the overlay lives on for the processes inside it; its workdir must too.
+            self._leaving.discard(mount_id)
+            return self._detach(record, caller)
         self._remove(record)
         self._leaving.discard(mount_id)
-        if await self._in_thread(reconcile.remove_made, record):
+        if await self._in_thread(reconcile.remove_made, record, self.marks):
             self.store.drop(mount_id)
         else:
             self._stale[mount_id] = record
-        log.info("mount %s: unmounted %s (asked by uid %d)", mount_id, mountpoint, caller.uid)
         self._notify("mount_removed", record)
+        log.info("mount %s: unmounted %s (asked by uid %d)", mount_id, mountpoint, caller.uid)
         return record
+
+    def _detach(self, record: MountRecord, caller: Caller) -> MountRecord:
+        self._remove(record)
+        record = dataclasses.replace(record, detached=True)
+        self._add(record)
+        self.store.update(record)
+        self._remark(record)
+        log.info(
+            "mount %s: detached from %s (asked by uid %d); cleaned once its last user has gone",
+            record.id, record.spec.mountpoint, caller.uid,
+        )
+        self._notify("mount_changed", record)
+        return record
+
+    def _unmount_detached(self, record: MountRecord, lazy: bool) -> MountRecord:
+        users = holders.holding({record.mnt_id}).get(record.mnt_id, [])
+        if not users:
+            self._forget(record)
+            log.info("mount %s: detached mount unused now; cleaned", record.id)
+        elif not lazy:
+            raise Busy(
+                f"mount {record.id} is already detached and still used by: {', '.join(map(str, users))}; "
+                "it is cleaned when they have gone"
+            )
+        return record
+
+    def _forget(self, record: MountRecord) -> None:
+        """The mount is gone from the kernel: clean what the daemon made and drop it."""
+        self._remove(record)
+        if not reconcile.cleanup(self.store, record, self.marks):
+            self._stale[record.id] = record
+        self._notify("mount_removed", record)
+
+    def detached(self) -> list[MountRecord]:
+        return list(self.holdings.detached.values())
 
     async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         if not self.others_waiting():
@@ -289,41 +390,36 @@ class MountManager:
         del self.records[record.id]
         self.holdings.remove(record)
 
+    def sweep_detached(self, held: dict[int, list[holders.Holder]] | None = None) -> list[MountRecord]:
+        """Clean every detached mount that no process holds any more (M12); run every
+        few seconds while there are detached mounts (watch_detached does). ``held``:
+        a scan of the holders made meanwhile, off the event loop."""
+        waiting = self.detached()
+        if not waiting:
+            return []
+        if held is None:
+            held = holders.holding({r.mnt_id for r in waiting})
+        gone = []
+        for record in waiting:
+            if record.mnt_id not in held and self.records.get(record.id) == record:
+                self._forget(record)
+                log.info("mount %s: the last user of the detached mount has gone; cleaned", record.id)
+                gone.append(record)
+        return gone
+
+    async def watch_detached(self, interval: float = DETACHED_POLL_SECONDS) -> None:
+        """Forever: notice detached mounts whose last user has gone (within ``interval``)."""
+        while True:
+            await asyncio.sleep(interval)
+            ids = {r.mnt_id for r in self.detached()}
+            if ids:
+                self.sweep_detached(await asyncio.to_thread(holders.holding, ids))
+
     def _notify(self, event: str, record: MountRecord) -> None:
         for listener in self._listeners:
             try:
-                getattr(listener, event)(record)
+                handler = getattr(listener, event, None)
+                if handler is not None:
+                    handler(record)
             except Exception:
                 log.exception("mount %s: listener %s failed on %s", record.id, listener, event)
-
-
-def _mount(checked: plan.Plan) -> int:
-    """The kernel's part of a Mount (in a thread): what the daemon makes for it, then the mount."""
-    record, spec = checked.record, checked.record.spec
-    made: list[int] = []
-    try:
-        workdir_fd = checked.workdir.fd if checked.workdir is not None else None
-        if record.workdir_created:
-            assert checked.upper_parent is not None
-            name = os.path.basename(spec.workdir)
-            os.mkdir(name, 0o700, dir_fd=checked.upper_parent)
-            workdir_fd = syscalls.open_dir_nofollow(name, checked.upper_parent)
-            made.append(workdir_fd)
-        if record.mountpoint_created:
-            os.makedirs(os.path.dirname(spec.mountpoint), mode=0o755, exist_ok=True)
-            os.mkdir(spec.mountpoint, 0o755)
-            mountpoint_fd = syscalls.open_dir_nofollow(spec.mountpoint)
-            made.append(mountpoint_fd)
-        else:
-            assert checked.mountpoint is not None
-            mountpoint_fd = checked.mountpoint.fd
-        fds = engine.LayerFds(
-            lowers=tuple(h.fd for h in checked.lowers),
-            upper=checked.upper.fd if checked.upper is not None else None,
-            workdir=workdir_fd,
-            mountpoint=mountpoint_fd,
-        )
-        return engine.mount(spec, fds)
-    finally:
-        for fd in made:
-            os.close(fd)

@@ -19,9 +19,9 @@ from uniond.access import paths, reach
 from uniond.access.caller import Caller
 from uniond.access.paths import OpenDir, Places
 from uniond.constants import OPTION_NO_USER_INTERACTION
-from uniond.errors import AlreadyMounted, InvalidArgument
+from uniond.errors import AlreadyMounted, Busy, InvalidArgument
+from uniond.kernel import holders, syscalls
 from uniond.kernel import overlay as engine
-from uniond.kernel import syscalls
 from uniond.kernel.mounttable import OverlayUppers
 from uniond.mounts.holdings import Holdings
 from uniond.mounts.records import MountRecord, MountSpec
@@ -88,6 +88,8 @@ def make(
     if request.upperdir:
         upper = places.open(held, "upperdir", request.upperdir, placed=True)
         named["upperdir"] = upper.path
+        if not readonly:
+            refuse_detached("upperdir", upper.path, ctx.holdings)
         if readonly and "workdir" in opts:
             raise InvalidArgument("workdir: a read-only mount uses no workdir; drop the option")
         if not readonly:
@@ -95,6 +97,7 @@ def make(
             if "workdir" in opts:
                 workdir_handle = places.open(held, "workdir", opts["workdir"], placed=True)
                 workdir = workdir_handle.path
+                refuse_detached("workdir", workdir, ctx.holdings)
                 check_workdir(workdir_handle, upper, ctx.holdings)
             else:
                 parent = places.open(held, "upperdir", os.path.dirname(upper.path))
@@ -153,15 +156,33 @@ def recheck(plan: Plan, holdings: Holdings, kernel: OverlayUppers) -> None:
     """What another call may have changed while this one awaited authorization."""
     spec = plan.record.spec
     if spec.upperdir and not spec.readonly:
+        refuse_detached("upperdir", spec.upperdir, holdings)
+        if plan.workdir is not None:
+            refuse_detached("workdir", spec.workdir, holdings)
         refuse_upper_in_use(spec.upperdir, holdings, kernel)
         if plan.workdir is not None:
             check_workdir(plan.workdir, plan.upper, holdings)
     if plan.mountpoint is not None:
         # The descriptor still names the directory underneath a mount made since, so
         # ask the path and the record as well.
+        # A detached mount has left its mountpoint: that one may be mounted on again
+        # (the holdings index no detached mount's mountpoint).
         taken = spec.mountpoint in holdings.mountpoints
         if taken or engine.is_mount_root(spec.mountpoint):
             raise AlreadyMounted(f"mountpoint {spec.mountpoint!r} was mounted on meanwhile; pick another")
+
+
+def refuse_detached(argument: str, path: str, holdings: Holdings) -> None:
+    """M7, M12: a lazily unmounted overlay still uses its upper and workdir while anyone is
+    inside it, so they are Busy (naming who) until it is gone, not merely "in use"."""
+    for record in holdings.detached.values():
+        spec = record.spec
+        if path in (spec.upperdir, spec.workdir) and not spec.readonly:
+            users = holders.holding({record.mnt_id}).get(record.mnt_id, [])
+            raise Busy(
+                f"{argument} {path!r} belongs to mount {record.id}, detached by a lazy Unmount and still used by: "
+                f"{', '.join(map(str, users)) or 'processes leaving now'}; stop them and try again"
+            )
 
 
 def refuse_upper_in_use(upper: str, holdings: Holdings, kernel: OverlayUppers) -> None:

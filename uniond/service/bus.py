@@ -63,6 +63,7 @@ class BusService:
         self._callers: OrderedDict[str, Caller] = OrderedDict()  # unique names are never reused
         self._packing: asyncio.Future | None = None
         self.kernel_calls = 0  # Mount and Unmount calls received and not yet answered
+        self._objects: dict[str, MountInterface] = {}  # mount id -> its exported object
         manager.authority = Authority(self)
 
     async def connect(self) -> None:
@@ -90,6 +91,20 @@ class BusService:
     async def wait_for_disconnect(self) -> None:
         assert self.bus is not None
         await self.bus.wait_for_disconnect()
+
+    async def drain(self, grace: float) -> None:
+        """Let the calls in flight finish for ``grace`` seconds, then cancel the rest: each
+        is answered with an error (if the bus is still there) and none is left behind."""
+        assert isinstance(self.bus, UniondBus)
+        pending = set(self.bus.in_flight)
+        if pending and grace > 0:
+            _, pending = await asyncio.wait(pending, timeout=grace)
+        for future in pending:
+            future.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=2)
+            log.info("stopped %d call(s) still running after %.0f s", len(pending), grace)
+        await asyncio.sleep(0.05)  # the answers leave before the connection closes
 
     def disconnect(self) -> None:
         if self.bus is not None:
@@ -187,15 +202,26 @@ class BusService:
     def mount_added(self, record: MountRecord, announce: bool = True) -> None:
         assert self.bus is not None
         path = mount_path(record.id)
-        self.bus.export(path, MountInterface(record))
+        self._objects[record.id] = MountInterface(record)
+        self.bus.export(path, self._objects[record.id])
         if announce:
             self._signal("MountAdded", path, record.spec.mountpoint)
 
     def mount_removed(self, record: MountRecord) -> None:
         assert self.bus is not None
         path = mount_path(record.id)
+        self._objects.pop(record.id, None)
         self.bus.unexport(path)
         self._signal("MountRemoved", path, record.spec.mountpoint)
+
+    def mount_changed(self, record: MountRecord) -> None:
+        interface = self._objects.get(record.id)
+        if interface is None:
+            return
+        before = interface.record
+        interface.replace(record)
+        if before.detached != record.detached:
+            interface.emit_properties_changed({"Detached": record.detached})
 
     def _signal(self, member: str, path: str, mountpoint: str) -> None:
         """MountAdded/MountRemoved(o, s), packed directly (as ManagerInterface declares them):

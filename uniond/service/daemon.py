@@ -28,6 +28,8 @@ from uniond.service.notify import Notifier
 
 log = logging.getLogger("uniond")
 
+STOP_GRACE_SECONDS = 3.0  # a stop waits this long for calls in flight (TimeoutStopSec is 90 s)
+
 
 def _directory(variable: str, default: str) -> str:
     # systemd passes a colon-separated list when a unit names several directories.
@@ -100,6 +102,7 @@ class Daemon:
             loop.add_signal_handler(signum, self.stop_event.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         self._start_watchdog(loop)
+        detached_watch = asyncio.ensure_future(self.manager.watch_detached())
         self.notifier.ready(self.status_line())
         log.info("uniond %s ready on %s: %s", constants.VERSION, constants.BUS_NAME, self.status_line())
 
@@ -108,17 +111,20 @@ class Daemon:
         await asyncio.wait({disconnected, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if self._watchdog is not None:
             self._watchdog.cancel()
+        detached_watch.cancel()
         if disconnected.done():
             # Retrieve the reason: asyncio would otherwise print it as a traceback.
             reason = disconnected.exception()
             why = f"{type(reason).__name__}: {reason}" if reason else "closed by the bus"
             log.error("lost the bus connection (%s); exiting so that systemd restarts uniond", why)
             stopped.cancel()
+            await service.drain(0)  # nobody to answer: the calls in flight just end
             code = 1
         else:
             self.notifier.stopping()
             log.info("stopping; %s stay in place for the programs using them", self.status_line())
             disconnected.cancel()
+            await service.drain(STOP_GRACE_SECONDS)
             service.disconnect()
             code = 0
         self.manager.store.close()

@@ -234,6 +234,12 @@ class MountInterface(ServiceInterface):
     def Options(self) -> "a{sv}":
         return {key: _wrap(value) for key, value in self.record.options.items()}
 
+    @dbus_property(access=PropertyAccess.READ)
+    def Detached(self) -> "b":
+        """True after a lazy Unmount while processes still use the mount; the object
+        goes when the last of them has gone."""
+        return self.record.detached
+
 
 class ManagerInterface(ServiceInterface):
     """org.uniond1.Manager: the methods callers use."""
