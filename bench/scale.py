@@ -99,8 +99,8 @@ def print_table(rows: list[Row]) -> None:
 class Daemon:
     def __init__(self, top: str, address: str, name: str) -> None:
         self.top, self.address = top, address
-        self.state = os.path.join(top, f"state-{name}")
-        self.run = os.path.join(top, f"run-{name}")
+        self.state = os.path.join(top, f"state-{name}")  # on disk, as /var/lib/uniond
+        self.run = os.path.join(top, "run", name)  # on a tmpfs, as /run/uniond
         os.makedirs(self.state, exist_ok=True)
         os.makedirs(self.run, exist_ok=True)
         self.process: subprocess.Popen | None = None
@@ -476,6 +476,9 @@ def main() -> None:
         return not only or name in only
 
     top = tempfile.mkdtemp(prefix="uniond-scale-", dir="/tmp")
+    os.makedirs(os.path.join(top, "run"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m,mode=0755", "bench-run", os.path.join(top, "run")],
+                   check=True)
     policy = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dbus", privatebus.POLICY_NAME)
     bus_process, address = privatebus.start(os.path.join(top, "bus"), policy)
     rows: list[Row] = []

@@ -19,6 +19,8 @@ class Holdings:
         self.workdirs: dict[str, str] = {}
         self.mountpoints: dict[str, str] = {}
         self.owned: Counter[int] = Counter()
+        # Lazily unmounted, still in use (M12): upper and workdir held, mountpoint free.
+        self.detached: dict[str, MountRecord] = {}
 
     def add(self, record: MountRecord) -> None:
         spec = record.spec
@@ -26,11 +28,15 @@ class Holdings:
             self.uppers[spec.upperdir] = record.id
         if spec.workdir:
             self.workdirs[spec.workdir] = record.id
-        self.mountpoints[spec.mountpoint] = record.id
+        if record.detached:
+            self.detached[record.id] = record
+        else:
+            self.mountpoints[spec.mountpoint] = record.id
         self.owned[record.owner] += 1
 
     def remove(self, record: MountRecord) -> None:
         spec = record.spec
+        self.detached.pop(record.id, None)
         for index, key in ((self.uppers, spec.upperdir), (self.workdirs, spec.workdir),
                            (self.mountpoints, spec.mountpoint)):
             if index.get(key) == record.id:

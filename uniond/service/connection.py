@@ -27,9 +27,12 @@ from typing import Any
 from dbus_next import Message
 from dbus_next.aio import MessageBus
 from dbus_next.aio.message_bus import _future_set_exception, _future_set_result, _MessageWriter
+from dbus_next.constants import MessageFlag
+from dbus_next.errors import DBusError
 from dbus_next.service import ServiceInterface
 
 from uniond import constants
+from uniond.errors import Failed
 from uniond.service import wire
 
 log = logging.getLogger(__name__)
@@ -104,12 +107,53 @@ class _Writer(_MessageWriter):
         self.waiting = on
 
 
+def _retrieve(future: asyncio.Future) -> None:
+    """A send that failed (the bus went away: BrokenPipeError) is no news to anyone:
+    asyncio would print it as "Future exception was never retrieved"."""
+    if not future.cancelled():
+        future.exception()
+
+
 class UniondBus(MessageBus):
+    """Also answers every call, whatever happens: dbus-next sends a DBusError raised by
+    its own handlers (a Get of an interface that does not exist) and then logs it as a
+    traceback, builds no reply when an error's text is not a string, and raises
+    CancelledError out of a method's done callback when the daemon stops. Here each
+    such call gets a D-Bus error and one debug line, and the method calls in flight are
+    kept (``in_flight``) so a stop can wait for them.
+    """
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._writer = _Writer(self)
         self._where: dict[int, str] = {}  # id(interface) -> its one path
         self.announcing = False  # set once the bus name is owned
+        self.in_flight: set[asyncio.Future] = set()
+
+    def send(self, msg: Message) -> asyncio.Future:
+        future = super().send(msg)
+        future.add_done_callback(_retrieve)
+        return future
+
+    def _make_method_handler(self, interface, method):
+        if not asyncio.iscoroutinefunction(method.fn):
+            return super()._make_method_handler(interface, method)
+
+        def handler(msg: Message, send_reply) -> None:
+            def done(fut: asyncio.Future) -> None:
+                self.in_flight.discard(fut)
+                with send_reply:
+                    body, unix_fds = ServiceInterface._fn_result_to_body(fut.result(), method.out_signature_tree)
+                    send_reply(Message.new_method_return(msg, method.out_signature, body, unix_fds))
+
+            fut = asyncio.ensure_future(method.fn(interface, *ServiceInterface._msg_body_to_args(msg)))
+            self.in_flight.add(fut)
+            fut.add_done_callback(done)
+
+        return handler
+
+    def _send_reply(self, msg: Message) -> _Reply:
+        return _Reply(self, msg)
 
     # -- exports -------------------------------------------------------------------------
 
@@ -175,3 +219,44 @@ class UniondBus(MessageBus):
             for iface in ifaces
         )
         send_reply(wire.method_return(msg, "a{oa{sa{sv}}}", wire.managed_objects(entries)))
+
+
+class _Reply:
+    """What dbus-next's handlers answer through (its SendReply, made to always answer)."""
+
+    def __init__(self, bus: UniondBus, msg: Message) -> None:
+        self.bus = bus
+        self.msg = msg
+
+    def __enter__(self) -> _Reply:
+        return self
+
+    def __call__(self, reply: Message) -> None:
+        if self.msg.flags & MessageFlag.NO_REPLY_EXPECTED or self.bus._disconnected:
+            return
+        try:
+            self.bus.send(reply)
+        except Exception as e:  # the connection is closing: nobody to answer
+            log.debug("no answer sent to %s: %s", self.msg.sender, e)
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None:
+            return False
+        if isinstance(exc, asyncio.CancelledError):
+            name, text = Failed.dbus_name, "uniond is stopping; call again when it is back"
+        elif isinstance(exc, DBusError):
+            name, text = exc.type, exc.text if isinstance(exc.text, str) else repr(exc.text)
+        elif isinstance(exc, Exception):
+            name, text = Failed.dbus_name, f"{self.msg.member} failed: {type(exc).__name__}: {exc}".splitlines()[0]
+        else:
+            return False  # SystemExit, KeyboardInterrupt
+        log.debug("%s.%s from %s answered %s: %s", self.msg.interface, self.msg.member, self.msg.sender, name, text)
+        try:
+            self(Message.new_error(self.msg, name, text))
+        except Exception as e:
+            log.debug("could not build the error answer: %s", e)
+            self(Message.new_error(self.msg, Failed.dbus_name, "the call could not be answered"))
+        return True
+
+    def send_error(self, exc: BaseException) -> None:
+        self.__exit__(type(exc), exc, exc.__traceback__)

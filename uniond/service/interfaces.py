@@ -185,8 +185,13 @@ class MountInterface(ServiceInterface):
         self.record = record
         self._packed: bytes | None = None
 
+    def replace(self, record: MountRecord) -> None:
+        """The same mount, changed (detached): its packed entry is made again."""
+        self.record = record
+        self._packed = None
+
     def packed_entry(self, path: str) -> bytes:
-        """This object's GetManagedObjects entry, packed once: a record never changes."""
+        """This object's GetManagedObjects entry, packed once (until ``replace``)."""
         if self._packed is None:
             r = self.record
             self._packed = wire.object_entry(path, constants.MOUNT_INTERFACE, [
@@ -194,7 +199,7 @@ class MountInterface(ServiceInterface):
                 ("LowerDirs", "as", r.spec.lowerdirs), ("UpperDir", "s", r.spec.upperdir),
                 ("WorkDir", "s", r.spec.workdir), ("ReadOnly", "b", r.spec.readonly),
                 ("Owner", "u", r.owner), ("Created", "t", r.created_us),
-                ("Options", "a{sv}", self.Options),
+                ("Options", "a{sv}", self.Options), ("Detached", "b", r.detached),
             ])
         return self._packed
 
