@@ -173,7 +173,7 @@ def profiled(daemon: Daemon, name: str):
         return
     os.makedirs(out, exist_ok=True)
     spy = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "--pid",
-                            str(daemon.process.pid), "--rate", "1000", "--format", "raw", "--threads",
+                            str(daemon.process.pid), "--rate", "250", "--format", "raw", "--threads",
                             "--output", os.path.join(out, f"{name}.txt")], stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
     time.sleep(0.5)
