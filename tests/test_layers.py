@@ -277,9 +277,11 @@ def test_commit_under_constant_writes_is_consistent_or_busy(client, layers, tmp_
     for i in range(200):
         (t / f"merge/f{i}").write_bytes(b"x" * 4096)
     stop = threading.Event()
+    writing = threading.Event()
 
     def writer():
         with open(t / "merge/log", "a") as f:
+            writing.set()
             n = 0
             while not stop.is_set():
                 f.write(f"{n}\n")
@@ -288,6 +290,7 @@ def test_commit_under_constant_writes_is_consistent_or_busy(client, layers, tmp_
 
     thread = threading.Thread(target=writer)
     thread.start()
+    writing.wait(10)  # the file is open for writing before Commit tries to freeze the mount
     try:
         (tmp_path / "c").mkdir()
         try:

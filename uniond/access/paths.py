@@ -116,14 +116,18 @@ def check_placement(argument: str, path: str, allowed_roots: Iterable[str], own:
 
 
 def refuse_nesting(named: dict[str, str]) -> None:
-    """M3: no two of lowers, upper, workdir and mountpoint may contain one another."""
-    items = list(named.items())
-    for i, (name_a, a) in enumerate(items):
-        for name_b, b in items[i + 1 :]:
-            if inside(a, b) or inside(b, a):
-                raise InvalidArgument(
-                    f"{name_a} {a!r} and {name_b} {b!r} overlap; they must be separate directory trees"
-                )
+    """M3: no two of lowers, upper, workdir and mountpoint may contain one another.
+
+    Sorted by path with a "/" appended, whatever lies below a path (or equals it) comes
+    right after it, so comparing neighbours finds every overlap: 500 lowers cost 500
+    comparisons, not 125,000.
+    """
+    items = sorted(named.items(), key=lambda item: item[1].rstrip("/") + "/")
+    for (name_a, a), (name_b, b) in zip(items, items[1:], strict=False):
+        if inside(b, a):
+            raise InvalidArgument(
+                f"{name_a} {a!r} and {name_b} {b!r} overlap; they must be separate directory trees"
+            )
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ _OCTAL = re.compile(r"\\([0-7]{3})")
 
 def unescape(field: str) -> str:
     """mountinfo escapes space, tab, newline and backslash as \\ooo."""
+    if "\\" not in field:
+        return field  # the common case, without a regular expression
     return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field)
 
 
@@ -50,7 +52,10 @@ def parse(text: str, fstype: str = "") -> list[MountEntry]:
             continue
         # Super options are comma-separated, and a path containing a comma is
         # escaped by overlayfs as "\,": split only on unescaped commas.
-        opts = [unescape(o.replace("\\,", ",")) for o in re.split(r"(?<!\\),", rest[2])]
+        if "\\" in rest[2]:
+            opts = [unescape(o.replace("\\,", ",")) for o in re.split(r"(?<!\\),", rest[2])]
+        else:
+            opts = rest[2].split(",")
         entries.append(
             MountEntry(
                 mnt_id=int(fields[0]),
@@ -64,6 +69,9 @@ def parse(text: str, fstype: str = "") -> list[MountEntry]:
     return entries
 
 
-def read(path: str = "/proc/self/mountinfo", fstype: str = "") -> list[MountEntry]:
+MOUNTINFO = "/proc/self/mountinfo"
+
+
+def read(path: str = MOUNTINFO, fstype: str = "") -> list[MountEntry]:
     with open(path, encoding="utf-8", errors="surrogateescape") as f:
         return parse(f.read(), fstype)

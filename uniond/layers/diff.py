@@ -12,7 +12,10 @@ import errno
 import operator
 import os
 import stat
+from collections.abc import Callable
 from stat import S_ISCHR, S_ISREG, S_ISSOCK
+
+from uniond.layers.stream import Sink
 
 ADDED, CHANGED, DELETED = "A", "C", "D"
 _OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
@@ -20,6 +23,7 @@ _WHITEOUT_XATTRS = ("trusted.overlay.whiteout", "user.overlay.whiteout")
 _COMPARED_XATTR_PREFIXES = ("user.", "security.capability")
 _NAME = operator.attrgetter("name")
 _DELETED_RANK, _CHANGED_RANK, _ADDED_RANK = 0, 1, 2  # the order of kinds for one path
+_KIND_PREFIX = {kind: f"{kind} ".encode() for kind in (ADDED, CHANGED, DELETED)}
 
 
 Change = tuple[str, str]  # (kind: A, C or D as `docker diff` prints them, path absolute in the merged view)
@@ -164,7 +168,7 @@ def _opaque_value(path: str) -> bytes | None:
 
 
 def _walk(upper_dir: str, merged_dir: str, lower_dirs: list[str], out: list[tuple[str, int, str]],
-          xwhiteouts: bool) -> bool:
+          xwhiteouts: bool, flush: Callable[[], None] | None = None) -> bool:
     """Report changes below ``upper_dir``; True if an entry was added or deleted directly in it.
 
     The walk stats only what it must, since an lstat costs several times the listing
@@ -226,8 +230,10 @@ def _walk(upper_dir: str, merged_dir: str, lower_dirs: list[str], out: list[tupl
                 append((merged, _CHANGED_RANK, CHANGED))
                 reported = True
         if is_dir:
-            if _walk(entry.path, merged + "/", below, out, opaque == b"x") and not reported:
+            if _walk(entry.path, merged + "/", below, out, opaque == b"x", flush) and not reported:
                 append((merged, _CHANGED_RANK, CHANGED))  # D4: parent of an A/D is Changed
+    if flush is not None:
+        flush()
     return touched
 
 
@@ -242,3 +248,31 @@ def changes(upperdir: str, lowerdirs: list[str] | tuple[str, ...]) -> list[Chang
     _walk(upperdir, "/", list(lowerdirs), out, _opaque_value(upperdir) == b"x")
     out.sort()  # by path, then D before C before A: tuples compare in C, no key function
     return [(kind, path) for path, _, kind in out]
+
+
+def write_into(upperdir: str, lowerdirs: list[str] | tuple[str, ...], sink: Sink) -> int:
+    """The changes of ``changes``, written to ``sink`` as they are found, one
+    ``KIND SPACE PATH NUL`` record each; returns how many.
+
+    Records are gathered one directory at a time and written after it, so memory stays
+    flat however many there are (the walk holds one directory's listing per level).
+    The order is the walk's, not sorted: each directory's entries by name, a
+    directory's record before what is below it, except that a directory Changed only
+    because something below it was added or deleted (D4) follows them. The path's
+    bytes are the name's own, so any name survives.
+    """
+    if not upperdir:
+        return 0
+    out: list[tuple[str, int, str]] = []  # one directory's worth at most: flushed after each
+    count = 0
+
+    def flush() -> None:
+        nonlocal count
+        sink.write(b"".join([_KIND_PREFIX[kind] + path.encode("utf-8", "surrogateescape") + b"\0"
+                             for path, _, kind in out]))
+        count += len(out)
+        out.clear()
+
+    _walk(upperdir, "/", list(lowerdirs), out, _opaque_value(upperdir) == b"x", flush)
+    sink.flush()
+    return count

@@ -24,11 +24,11 @@ from uniond.constants import ACTION_COMMIT, ACTION_EXPORT, ACTION_IMPORT
 from uniond.errors import Busy, Failed, InvalidArgument, NotPermitted
 from uniond.kernel import holders
 from uniond.kernel import overlay as engine
-from uniond.layers import diff, snapshot, tree
+from uniond.layers import diff, snapshot, stream, tree
 from uniond.layers import tar as layertar
 from uniond.layers.compress import check_compression
 from uniond.layers.tar_import import check_digest
-from uniond.mounts import options
+from uniond.mounts import crash, options
 from uniond.mounts.records import MountRecord
 
 if TYPE_CHECKING:
@@ -98,6 +98,27 @@ class LayerOperations:
                 raise Failed(f"mount {record.id}: its layers are no longer where they were mounted from: {e}") from None
             return await asyncio.to_thread(
                 diff.changes, f"/proc/self/fd/{upper.fd}", [f"/proc/self/fd/{h.fd}" for h in lowers]
+            )
+
+    async def diff_into(self, mount_id: str, fd: int, caller: Caller, opts: dict[str, Any]) -> int:
+        """Diff's entries written to the caller's fd as they are found (see diff.write_into),
+        so that no answer is too large for a message or for the daemon's memory."""
+        opts = options.check("DiffInto", opts, options.DIFF_OPTIONS)
+        stream.check_fd(fd, writing=True)
+        record = self.manager.get(mount_id)
+        if caller.uid != record.owner:
+            await self.manager.authorize(caller, ACTION_EXPORT, opts, record)
+        with self._using(mount_id) as record, contextlib.ExitStack() as held:
+            upper = self._upper_of(held, record)
+            if not upper:
+                return 0
+            try:
+                lowers = [self._places.open(held, f"lowerdirs[{i}]", p) for i, p in enumerate(record.spec.lowerdirs)]
+            except InvalidArgument as e:
+                raise Failed(f"mount {record.id}: its layers are no longer where they were mounted from: {e}") from None
+            # A thread of its own: the caller's reader may take as long as it likes.
+            return await own_thread(
+                diff.write_into, upper, [f"/proc/self/fd/{h.fd}" for h in lowers], stream.Sink(fd)
             )
 
     @contextlib.contextmanager
@@ -177,12 +198,14 @@ class LayerOperations:
             parents = tuple(self.open_readable(held, f"parents[{i}]", p, caller)
                             for i, p in enumerate(opts.get("parents", [])))
             dest = self._destdir(held, canonical)
+            crash.point("import.claimed")
             result = await own_thread(
                 functools.partial(layertar.import_layer, digests=apply, parents=parents,
                                   expected_digest=opts.get("expected_digest", ""),
                                   expected_diff_id=opts.get("expected_diff_id", "")),
                 fd, f"/proc/self/fd/{dest.fd}/.", devices,
             )
+            crash.point("import.written")
         log.info("imported a layer of %d entries into %s (uid %d)", result.entries, dest.path, caller.uid)
         return result
 
@@ -194,6 +217,11 @@ class LayerOperations:
         canonical = self._places.placed("destdir", destdir)
         await self.manager.authorize(caller, ACTION_COMMIT, opts, self.manager.get(mount_id), destdir=canonical)
         with self._using(mount_id) as record, contextlib.ExitStack() as held:
+            if record.detached:
+                raise Busy(
+                    f"mount {mount_id} was detached by a lazy Unmount; Commit needs it in place "
+                    "(ExportDiff still reads its upper)"
+                )
             dest = self._destdir(held, canonical)
             upper = self._upper_of(held, record)
             result = await asyncio.to_thread(_commit, record, upper, f"/proc/self/fd/{dest.fd}/.")
@@ -215,7 +243,10 @@ def _commit(record: MountRecord, upper: str, dest: str) -> snapshot.CommitResult
     spec = record.spec
     if not upper or spec.readonly or _freeze(record):
         try:
-            return snapshot.commit(upper, dest)
+            crash.point("commit.frozen")
+            result = snapshot.commit(upper, dest)
+            crash.point("commit.copied")
+            return result
         finally:
             if upper and not spec.readonly:
                 _thaw(record)

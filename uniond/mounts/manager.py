@@ -4,13 +4,16 @@ It checks requests (through the plan module), keeps the journal (C1), drives the
 kernel room, and tells listeners about every change before the call that caused it
 returns (U3). It knows nothing of D-Bus: callers are plain Caller values,
 authorization goes through an Authority, and errors are uniond.errors classes. Each
-method authorizes before it changes anything, and nothing awaits between the last
-check and the mount, so a caller who disconnects mid-call (or another call racing it)
-never leaves a half-made mount.
+method authorizes before it changes anything. From a Mount's last check on, what it
+uses (upper, workdir, mountpoint, a place in its owner's quota) is held in the
+holdings, and an Unmount's mount counts as gone for other calls, so that the waits
+that follow (the journal's sync, the kernel calls, which run in threads so that calls
+overlap) race nothing; a caller who disconnects mid-call never leaves a half-made mount.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import errno
@@ -18,6 +21,7 @@ import logging
 import os
 import secrets
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from uniond.access.caller import Caller
@@ -25,12 +29,16 @@ from uniond.access.paths import Places
 from uniond.access.polkit import Authority
 from uniond.config import Config
 from uniond.constants import ACTION_MOUNT, ACTION_MOUNT_ANY, ACTION_UNMOUNT_OTHER, ACTION_UNMOUNT_OWN
-from uniond.errors import Busy, Failed, InvalidArgument, NotFound, NotPermitted
+from uniond.errors import Busy, Failed, InvalidArgument, NotFound, NotPermitted, NotRecorded
 from uniond.kernel import holders, syscalls
 from uniond.kernel import overlay as engine
-from uniond.mounts import options, plan, reconcile
+from uniond.kernel.mounttable import OverlayUppers
+from uniond.mounts import crash, options, plan, reconcile
 from uniond.mounts.claims import Claims
+from uniond.mounts.groupsync import GroupSync
+from uniond.mounts.holdings import Holdings
 from uniond.mounts.journal import StateStore, boot_id
+from uniond.mounts.marks import Marks, write_workdir_marker
 from uniond.mounts.plan import MAX_LOWERS, MountRequest
 from uniond.mounts.reconcile import ReconcileReport
 from uniond.mounts.records import MountRecord, MountSpec
@@ -39,11 +47,15 @@ __all__ = ["MountManager", "MountRequest", "MountListener", "ReconcileReport"]
 
 log = logging.getLogger(__name__)
 
+DETACHED_POLL_SECONDS = 2.0  # how soon the last user of a detached mount is noticed
+
 
 class MountListener(Protocol):
     def mount_added(self, record: MountRecord) -> None: ...
 
     def mount_removed(self, record: MountRecord) -> None: ...
+
+    def mount_changed(self, record: MountRecord) -> None: ...
 
 
 def _escape(path: str) -> str:
@@ -78,10 +90,22 @@ class MountManager:
         self.authority = authority or Authority(None)
         self.configure(config or Config())
         self.records: dict[str, MountRecord] = {}
+        self.holdings = Holdings()  # self.records, indexed (kept in step by _add/_remove)
+        self.kernel = OverlayUppers()
         self._stale: dict[str, MountRecord] = {}  # gone from the kernel, cleanup pending
         self._listeners: list[MountListener] = []
         self._boot_id = boot_id()
         self.claims = Claims()  # what the layer operations are using
+        self.marks = Marks(runtime_dir)
+        self._leaving: set[str] = set()  # being unmounted
+        # The kernel calls of Mount and Unmount (umount waits for RCU grace periods, the
+        # journal for the disk) run here, not on the event loop, so calls overlap.
+        self._threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="uniond-kernel")
+        self._sync = GroupSync(store.sync, self._threads)
+        # Whether another call waits for the event loop (the service knows; without one,
+        # assume so): a call alone runs its kernel calls in place, as a thread would only
+        # add its hand-over to the time the caller waits.
+        self.others_waiting: Callable[[], bool] = lambda: True
 
     def configure(self, config: Config) -> None:
         """Take a (re)loaded configuration; paths are compared in canonical form."""
@@ -94,6 +118,8 @@ class MountManager:
     # ---- queries -------------------------------------------------------------
 
     def get(self, mount_id: str) -> MountRecord:
+        if mount_id in self._leaving:
+            raise NotFound(f"mount {mount_id} is being unmounted")
         try:
             return self.records[mount_id]
         except KeyError:
@@ -107,8 +133,9 @@ class MountManager:
     def start(self, progress: Callable[[], None] | None = None) -> ReconcileReport:
         """Lock the state, then make the record agree with the kernel (C3)."""
         self.store.lock()
-        outcome = reconcile.reconcile(self.store, self._boot_id, progress)
-        self.records.update(outcome.live)
+        outcome = reconcile.reconcile(self.store, self.marks, self._boot_id, progress)
+        for record in outcome.live.values():
+            self._add(record)
         self._stale.update(outcome.stale)
         for record in self.records.values():
             self._notify("mount_added", record)
@@ -151,32 +178,72 @@ class MountManager:
         self._check_quota(caller)
         mount_id = secrets.token_hex(6)
         with contextlib.ExitStack() as held:
-            context = plan.Context(self.places, self.runtime_dir, self._boot_id, self.records.values())
+            context = plan.Context(self.places, self.runtime_dir, self._boot_id, self.holdings, self.kernel)
             checked = plan.make(request, opts, mount_id, caller.uid, context, held)
-            action = ACTION_MOUNT if plan.reachable(checked, caller) else ACTION_MOUNT_ANY
+            # Root is allowed without asking, so what it could reach (a stat of every
+            # ancestor of every lower) need not be worked out.
+            action = ACTION_MOUNT if caller.is_root or plan.reachable(checked, caller) else ACTION_MOUNT_ANY
             await self.authority.authorize(
                 caller, action, _details(checked.record.spec), options.interactive(opts)
             )
-            # No await from here on: what was authorized is what gets mounted, and the
-            # daemon's own state is checked again, as it may have changed meanwhile.
+            # What was authorized is what gets mounted, and the daemon's own state is
+            # checked again, as it may have changed meanwhile; from that check on, the
+            # plan holds what it uses (upper, workdir, mountpoint, quota) in the holdings,
+            # so that the awaits below (the journal sync, the kernel calls) race nothing.
             self._check_quota(caller)
-            plan.recheck(checked, self.records.values())
-            return self._make(checked)
+            plan.recheck(checked, self.holdings, self.kernel)
+            return await self._make(checked)
 
     def _check_quota(self, caller: Caller) -> None:
         if caller.is_root:
             return
         limit = self.config.max_mounts_per_uid
-        owned = sum(1 for r in self.records.values() if r.owner == caller.uid)
+        owned = self.holdings.owned[caller.uid]
         if owned >= limit:
             raise NotPermitted(
                 f"uid {caller.uid} already owns {owned} mounts, the limit (max_mounts_per_uid = {limit}); "
                 "unmount some first"
             )
 
-    def _make(self, checked: plan.Plan) -> MountRecord:
+    async def _make(self, checked: plan.Plan) -> MountRecord:
         record, spec = checked.record, checked.record.spec
-        self.store.intend(record)  # C1: durable before anything exists
+        self.holdings.add(record)
+        try:
+            self.store.intend(record, durable=False)
+            await self._sync.durable(alone=not self.others_waiting())  # C1: durable before anything exists
+        except NotRecorded as e:
+            self.holdings.remove(record)
+            raise NotRecorded(f"uniond could not record the mount, so it made none: {e}") from None
+        except BaseException:
+            self.holdings.remove(record)
+            raise
+        crash.point("mount.intended")
+        try:
+            mnt_id = await self._in_thread(self._mount, checked)
+        except OSError as e:
+            self.holdings.remove(record)
+            self._undo(record)
+            raise Failed(f"the kernel refused the mount: {e.strerror or e}") from e
+        except BaseException:
+            self.holdings.remove(record)
+            self._undo(record)
+            raise
+        self.holdings.remove(record)
+        record = dataclasses.replace(record, mnt_id=mnt_id)
+        # Not written (a full disk): the mount is made and kept all the same, since its
+        # synced intent and its marks are what a start recognises it by (C1, C4).
+        self.store.update(record)
+        self._remark(record)
+        crash.point("mount.recorded")
+        self._add(record)
+        log.info("mount %s: mounted %s (owner uid %d)", record.id, spec.mountpoint, record.owner)
+        self._notify("mount_added", record)
+        return record
+
+    def _mount(self, checked: plan.Plan) -> int:
+        """The kernel's part of a Mount (in a thread): what the daemon makes for it, its
+        marks, then the mount."""
+        record, spec = checked.record, checked.record.spec
         made: list[int] = []
         try:
             workdir_fd = checked.workdir.fd if checked.workdir is not None else None
@@ -186,6 +253,10 @@ class MountManager:
                 os.mkdir(name, 0o700, dir_fd=checked.upper_parent)
                 workdir_fd = syscalls.open_dir_nofollow(name, checked.upper_parent)
                 made.append(workdir_fd)
+                crash.point("mount.workdir-made")
+                write_workdir_marker(workdir_fd, record)
+            self.marks.put(record)
+            crash.point("mount.marked")
             if record.mountpoint_created:
                 os.makedirs(os.path.dirname(spec.mountpoint), mode=0o755, exist_ok=True)
                 os.mkdir(spec.mountpoint, 0o755)
@@ -201,24 +272,20 @@ class MountManager:
                 mountpoint=mountpoint_fd,
             )
             mnt_id = engine.mount(spec, fds)
-        except OSError as e:
-            self._undo(record)
-            raise Failed(f"the kernel refused the mount: {e.strerror or e}") from e
-        except BaseException:
-            self._undo(record)
-            raise
+            crash.point("mount.attached")
+            return mnt_id
         finally:
             for fd in made:
                 os.close(fd)
-        record = dataclasses.replace(record, mnt_id=mnt_id)
-        self.store.update(record)
-        self.records[record.id] = record
-        log.info("mount %s: mounted %s (owner uid %d)", record.id, spec.mountpoint, record.owner)
-        self._notify("mount_added", record)
-        return record
+
+    def _remark(self, record: MountRecord) -> None:
+        try:
+            self.marks.put(record)
+        except OSError as e:  # the intent's mark stays, which recognises the mount too
+            log.warning("mount %s: its mark could not be updated: %s", record.id, e)
 
     def _undo(self, record: MountRecord) -> None:
-        if reconcile.cleanup(self.store, record):
+        if reconcile.cleanup(self.store, record, self.marks):
             return
         self._stale[record.id] = record
 
@@ -230,12 +297,17 @@ class MountManager:
         action = ACTION_UNMOUNT_OWN if caller.uid == record.owner else ACTION_UNMOUNT_OTHER
         await self.authorize(caller, action, opts, record)
         record = self.get(mount_id)  # another call may have unmounted it meanwhile
+        lazy = opts.get("lazy", False)
+        if record.detached:
+            return self._unmount_detached(record, lazy)
         if self.claims.in_use(mount_id):
             raise Busy(f"mount {mount_id} is being exported or committed; unmount it when that has finished")
         mountpoint = record.spec.mountpoint
+        self._leaving.add(mount_id)  # to other calls, from here on, it is gone
         try:
-            engine.unmount(mountpoint, lazy=opts.get("lazy", False), mnt_id=record.mnt_id)
+            await self._in_thread(engine.unmount, mountpoint, lazy, record.mnt_id)
         except OSError as e:
+            self._leaving.discard(mount_id)
             if e.errno == errno.EBUSY:
                 users = ", ".join(str(h) for h in holders.find(mountpoint)) or "no process found"
                 raise Busy(
@@ -245,16 +317,109 @@ class MountManager:
             if e.errno not in (errno.EINVAL, errno.ENOENT):
                 raise Failed(f"unmounting {mountpoint} failed: {e.strerror}") from e
             log.warning("mount %s: was already unmounted behind the daemon's back", mount_id)
-        del self.records[mount_id]
-        if not reconcile.cleanup(self.store, record):
+        except BaseException:
+            self._leaving.discard(mount_id)
+            raise
+        crash.point("unmount.unmounted")
+        if lazy and record.mnt_id and holders.holding({record.mnt_id}):
+            # M12: the overlay lives on for the processes inside it; its workdir must too.
+            self._leaving.discard(mount_id)
+            return self._detach(record, caller)
+        self._remove(record)
+        self._leaving.discard(mount_id)
+        if await self._in_thread(reconcile.remove_made, record, self.marks):
+            self.store.drop(mount_id)
+        else:
             self._stale[mount_id] = record
-        log.info("mount %s: unmounted %s (asked by uid %d)", mount_id, mountpoint, caller.uid)
         self._notify("mount_removed", record)
+        log.info("mount %s: unmounted %s (asked by uid %d)", mount_id, mountpoint, caller.uid)
         return record
+
+    def _detach(self, record: MountRecord, caller: Caller) -> MountRecord:
+        self._remove(record)
+        record = dataclasses.replace(record, detached=True)
+        self._add(record)
+        self.store.update(record)
+        self._remark(record)
+        log.info(
+            "mount %s: detached from %s (asked by uid %d); cleaned once its last user has gone",
+            record.id, record.spec.mountpoint, caller.uid,
+        )
+        self._notify("mount_changed", record)
+        return record
+
+    def _unmount_detached(self, record: MountRecord, lazy: bool) -> MountRecord:
+        users = holders.holding({record.mnt_id}).get(record.mnt_id, [])
+        if not users:
+            self._forget(record)
+            log.info("mount %s: detached mount unused now; cleaned", record.id)
+        elif not lazy:
+            raise Busy(
+                f"mount {record.id} is already detached and still used by: {', '.join(map(str, users))}; "
+                "it is cleaned when they have gone"
+            )
+        return record
+
+    def _forget(self, record: MountRecord) -> None:
+        """The mount is gone from the kernel: clean what the daemon made and drop it."""
+        self._remove(record)
+        if not reconcile.cleanup(self.store, record, self.marks):
+            self._stale[record.id] = record
+        self._notify("mount_removed", record)
+
+    def detached(self) -> list[MountRecord]:
+        return list(self.holdings.detached.values())
+
+    async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if not self.others_waiting():
+            return fn(*args)
+        job = asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            # The thread works on descriptors this call holds open (a stop cancels the
+            # call): they are closed only once it is done with them.
+            await asyncio.wait([job])
+            raise
+
+    def _add(self, record: MountRecord) -> None:
+        self.records[record.id] = record
+        self.holdings.add(record)
+
+    def _remove(self, record: MountRecord) -> None:
+        del self.records[record.id]
+        self.holdings.remove(record)
+
+    def sweep_detached(self, held: dict[int, list[holders.Holder]] | None = None) -> list[MountRecord]:
+        """Clean every detached mount that no process holds any more (M12); run every
+        few seconds while there are detached mounts (watch_detached does). ``held``:
+        a scan of the holders made meanwhile, off the event loop."""
+        waiting = self.detached()
+        if not waiting:
+            return []
+        if held is None:
+            held = holders.holding({r.mnt_id for r in waiting})
+        gone = []
+        for record in waiting:
+            if record.mnt_id not in held and self.records.get(record.id) == record:
+                self._forget(record)
+                log.info("mount %s: the last user of the detached mount has gone; cleaned", record.id)
+                gone.append(record)
+        return gone
+
+    async def watch_detached(self, interval: float = DETACHED_POLL_SECONDS) -> None:
+        """Forever: notice detached mounts whose last user has gone (within ``interval``)."""
+        while True:
+            await asyncio.sleep(interval)
+            ids = {r.mnt_id for r in self.detached()}
+            if ids:
+                self.sweep_detached(await asyncio.to_thread(holders.holding, ids))
 
     def _notify(self, event: str, record: MountRecord) -> None:
         for listener in self._listeners:
             try:
-                getattr(listener, event)(record)
+                handler = getattr(listener, event, None)
+                if handler is not None:
+                    handler(record)
             except Exception:
                 log.exception("mount %s: listener %s failed on %s", record.id, listener, event)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,9 +19,11 @@ from uniond.access import paths, reach
 from uniond.access.caller import Caller
 from uniond.access.paths import OpenDir, Places
 from uniond.constants import OPTION_NO_USER_INTERACTION
-from uniond.errors import AlreadyMounted, InvalidArgument
-from uniond.kernel import mountinfo, syscalls
+from uniond.errors import AlreadyMounted, Busy, InvalidArgument
+from uniond.kernel import holders, syscalls
 from uniond.kernel import overlay as engine
+from uniond.kernel.mounttable import OverlayUppers
+from uniond.mounts.holdings import Holdings
 from uniond.mounts.records import MountRecord, MountSpec
 
 MAX_LOWERS = 500  # M1: the kernel stacks at most 500 lowers
@@ -50,12 +51,14 @@ class Plan:
 
 @dataclass(frozen=True)
 class Context:
-    """What a plan is checked against: the daemon's places and the mounts it holds."""
+    """What a plan is checked against: the daemon's places, the mounts it holds and the
+    uppers the kernel's overlays use."""
 
     places: Places
     runtime_dir: str
     boot_id: str
-    records: Iterable[MountRecord]
+    holdings: Holdings
+    kernel: OverlayUppers
 
 
 def make(
@@ -85,14 +88,17 @@ def make(
     if request.upperdir:
         upper = places.open(held, "upperdir", request.upperdir, placed=True)
         named["upperdir"] = upper.path
+        if not readonly:
+            refuse_detached("upperdir", upper.path, ctx.holdings)
         if readonly and "workdir" in opts:
             raise InvalidArgument("workdir: a read-only mount uses no workdir; drop the option")
         if not readonly:
-            refuse_upper_in_use(upper.path, ctx.records)
+            refuse_upper_in_use(upper.path, ctx.holdings, ctx.kernel)
             if "workdir" in opts:
                 workdir_handle = places.open(held, "workdir", opts["workdir"], placed=True)
                 workdir = workdir_handle.path
-                check_workdir(workdir_handle, upper, ctx.records)
+                refuse_detached("workdir", workdir, ctx.holdings)
+                check_workdir(workdir_handle, upper, ctx.holdings)
             else:
                 parent = places.open(held, "upperdir", os.path.dirname(upper.path))
                 if parent.st.st_dev != upper.st.st_dev:
@@ -146,39 +152,56 @@ def reachable(plan: Plan, caller: Caller) -> bool:
     return all(reach.owns(caller, h.path, h.st) for h in (plan.upper, plan.workdir, plan.mountpoint) if h)
 
 
-def recheck(plan: Plan, records: Iterable[MountRecord]) -> None:
+def recheck(plan: Plan, holdings: Holdings, kernel: OverlayUppers) -> None:
     """What another call may have changed while this one awaited authorization."""
-    records = list(records)
     spec = plan.record.spec
     if spec.upperdir and not spec.readonly:
-        refuse_upper_in_use(spec.upperdir, records)
+        refuse_detached("upperdir", spec.upperdir, holdings)
         if plan.workdir is not None:
-            check_workdir(plan.workdir, plan.upper, records)
+            refuse_detached("workdir", spec.workdir, holdings)
+        refuse_upper_in_use(spec.upperdir, holdings, kernel)
+        if plan.workdir is not None:
+            check_workdir(plan.workdir, plan.upper, holdings)
     if plan.mountpoint is not None:
         # The descriptor still names the directory underneath a mount made since, so
         # ask the path and the record as well.
-        taken = any(r.spec.mountpoint == spec.mountpoint for r in records)
+        # A detached mount has left its mountpoint: that one may be mounted on again
+        # (the holdings index no detached mount's mountpoint).
+        taken = spec.mountpoint in holdings.mountpoints
         if taken or engine.is_mount_root(spec.mountpoint):
             raise AlreadyMounted(f"mountpoint {spec.mountpoint!r} was mounted on meanwhile; pick another")
 
 
-def refuse_upper_in_use(upper: str, records: Iterable[MountRecord]) -> None:
+def refuse_detached(argument: str, path: str, holdings: Holdings) -> None:
+    """M7, M12: a lazily unmounted overlay still uses its upper and workdir while anyone is
+    inside it, so they are Busy (naming who) until it is gone, not merely "in use"."""
+    for record in holdings.detached.values():
+        spec = record.spec
+        if path in (spec.upperdir, spec.workdir) and not spec.readonly:
+            users = holders.holding({record.mnt_id}).get(record.mnt_id, [])
+            raise Busy(
+                f"{argument} {path!r} belongs to mount {record.id}, detached by a lazy Unmount and still used by: "
+                f"{', '.join(map(str, users)) or 'processes leaving now'}; stop them and try again"
+            )
+
+
+def refuse_upper_in_use(upper: str, holdings: Holdings, kernel: OverlayUppers) -> None:
     """M7: two overlays sharing an upper give undefined results."""
-    for record in records:
-        if record.spec.upperdir == upper and not record.spec.readonly:
-            raise InvalidArgument(f"upperdir {upper!r} is already the upper of mount {record.id}")
-    for entry in mountinfo.read(fstype="overlay"):
-        if upper in entry.option_values("upperdir"):
-            raise InvalidArgument(f"upperdir {upper!r} is already in use by the overlay at {entry.mountpoint}")
+    if upper in holdings.uppers:
+        raise InvalidArgument(f"upperdir {upper!r} is already the upper of mount {holdings.uppers[upper]}")
+    user = kernel.user_of(upper)
+    if user is not None:
+        raise InvalidArgument(f"upperdir {upper!r} is already in use by the overlay at {user}")
 
 
-def check_workdir(workdir: OpenDir, upper: OpenDir | None, records: Iterable[MountRecord]) -> None:
+def check_workdir(workdir: OpenDir, upper: OpenDir | None, holdings: Holdings) -> None:
     assert upper is not None
     if workdir.st.st_dev != upper.st.st_dev:
         raise InvalidArgument(f"workdir {workdir.path!r} must be on the same filesystem as upperdir {upper.path!r}")
     leftovers = set(os.listdir(f"/proc/self/fd/{workdir.fd}")) - {"work", "index"}
     if leftovers:
         raise InvalidArgument(f"workdir {workdir.path!r} must be empty; it holds {sorted(leftovers)[:3]}")
-    for record in records:
-        if record.spec.workdir == workdir.path:
-            raise InvalidArgument(f"workdir {workdir.path!r} is already the workdir of mount {record.id}")
+    if workdir.path in holdings.workdirs:
+        raise InvalidArgument(
+            f"workdir {workdir.path!r} is already the workdir of mount {holdings.workdirs[workdir.path]}"
+        )
