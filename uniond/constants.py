@@ -26,6 +26,7 @@ ERROR_FAILED = f"{ERROR_PREFIX}.Failed"
 ERROR_NOT_AUTHORIZED = f"{ERROR_PREFIX}.NotAuthorized"
 ERROR_NOT_AUTHORIZED_CAN_OBTAIN = f"{ERROR_PREFIX}.NotAuthorizedCanObtain"
 ERROR_NOT_AUTHORIZED_DISMISSED = f"{ERROR_PREFIX}.NotAuthorizedDismissed"
+ERROR_NOT_SUPPORTED = f"{ERROR_PREFIX}.NotSupported"
 
 # polkit actions (dbus/org.uniond1.policy declares them and their defaults).
 ACTION_MOUNT = "org.uniond1.mount"  # directories the caller can reach itself

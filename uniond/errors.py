@@ -39,6 +39,12 @@ class Failed(UniondError):
     dbus_name = constants.ERROR_FAILED
 
 
+class NotSupported(UniondError):
+    """The running kernel lacks what the call needs (e.g. MOVE_MOUNT_BENEATH for Update)."""
+
+    dbus_name = constants.ERROR_NOT_SUPPORTED
+
+
 class NotAuthorized(UniondError):
     """polkit (or its absence) says no."""
 

@@ -29,6 +29,7 @@ from uniond.errors import Busy, Failed, InvalidArgument, NotFound, NotPermitted
 from uniond.kernel import holders, syscalls
 from uniond.kernel import overlay as engine
 from uniond.mounts import options, plan, reconcile
+from uniond.mounts import update as updating
 from uniond.mounts.claims import Claims
 from uniond.mounts.journal import StateStore, boot_id
 from uniond.mounts.plan import MAX_LOWERS, MountRequest
@@ -44,6 +45,8 @@ class MountListener(Protocol):
     def mount_added(self, record: MountRecord) -> None: ...
 
     def mount_removed(self, record: MountRecord) -> None: ...
+
+    def mount_changed(self, record: MountRecord, changed: tuple[str, ...]) -> None: ...
 
 
 def _escape(path: str) -> str:
@@ -252,9 +255,21 @@ class MountManager:
         self._notify("mount_removed", record)
         return record
 
-    def _notify(self, event: str, record: MountRecord) -> None:
+    # ---- Update ----------------------------------------------------------------
+
+    async def update(
+        self, mount_id: str, lowerdirs: tuple[str, ...], caller: Caller, opts: dict[str, Any]
+    ) -> MountRecord:
+        """Replace a live mount's lowers without a gap (the update module says how)."""
+        return await updating.update(self, mount_id, lowerdirs, caller, opts)
+
+    def notify_changed(self, record: MountRecord, changed: tuple[str, ...]) -> None:
+        """``changed`` names the properties of the mount object that changed."""
+        self._notify("mount_changed", record, changed)
+
+    def _notify(self, event: str, record: MountRecord, *args: Any) -> None:
         for listener in self._listeners:
             try:
-                getattr(listener, event)(record)
+                getattr(listener, event)(record, *args)
             except Exception:
                 log.exception("mount %s: listener %s failed on %s", record.id, listener, event)

@@ -68,3 +68,4 @@ DIFF_OPTIONS: dict[str, type] = {**AUTH_OPTIONS}
 EXPORT_OPTIONS: dict[str, type] = {"compression": str, **AUTH_OPTIONS}  # "none" (default) or "gzip"
 IMPORT_OPTIONS: dict[str, type] = {"devices": bool, **AUTH_OPTIONS}  # allow device files in the layer
 COMMIT_OPTIONS: dict[str, type] = {**AUTH_OPTIONS}
+UPDATE_OPTIONS: dict[str, type] = {**AUTH_OPTIONS}

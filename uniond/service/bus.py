@@ -95,6 +95,7 @@ class BusService:
         self.bus: MessageBus | None = None
         self.interface = ManagerInterface(self)
         self._callers: OrderedDict[str, Caller] = OrderedDict()  # unique names are never reused
+        self._objects: dict[str, MountInterface] = {}
         manager.authority = Authority(self)
 
     async def connect(self) -> None:
@@ -193,7 +194,8 @@ class BusService:
     def mount_added(self, record: MountRecord, announce: bool = True) -> None:
         assert self.bus is not None
         path = mount_path(record.id)
-        self.bus.export(path, MountInterface(record))
+        self._objects[path] = MountInterface(record)
+        self.bus.export(path, self._objects[path])
         if announce:
             self.interface.MountAdded(path, record.spec.mountpoint)
 
@@ -201,4 +203,14 @@ class BusService:
         assert self.bus is not None
         path = mount_path(record.id)
         self.bus.unexport(path)
+        self._objects.pop(path, None)
         self.interface.MountRemoved(path, record.spec.mountpoint)
+
+    def mount_changed(self, record: MountRecord, changed: tuple[str, ...]) -> None:
+        """Same object, new record; PropertiesChanged carries the new values."""
+        interface = self._objects.get(mount_path(record.id))
+        if interface is None:
+            return
+        interface.record = record
+        if changed:
+            interface.emit_properties_changed({name: getattr(interface, name) for name in changed})

@@ -157,6 +157,9 @@ class Daemon:
     def mount_removed(self, record) -> None:
         self.notifier.status(self.status_line())
 
+    def mount_changed(self, record, changed) -> None:
+        pass  # the count is the same
+
 
 def _raise_fd_limit() -> None:
     """A Mount holds each of its (up to 500) directories open while polkit decides, so

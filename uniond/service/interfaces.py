@@ -217,6 +217,12 @@ class ManagerInterface(ServiceInterface):
 
     @method()
     @translated
+    async def Update(self, mount: "o", lowerdirs: "as", options: "a{sv}"):
+        caller = await self.service.caller()
+        await self.manager.update(mount_id_of(mount), tuple(lowerdirs), caller, _unwrap_options(options))
+
+    @method()
+    @translated
     async def Diff(self, mount: "o", options: "a{sv}") -> "a(ss)":
         caller = await self.service.caller()
         changes = await self.layers.diff(mount_id_of(mount), caller, _unwrap_options(options))
