@@ -80,11 +80,17 @@ class Daemon:
     notify: NotifySocket
     log_path: Path
     extra_env: dict[str, str] = field(default_factory=dict)
+    extra_args: list[str] = field(default_factory=list)
     process: subprocess.Popen | None = None
 
     @property
     def config_path(self) -> Path:
         return self.state_dir.parent / "uniond.conf"
+
+    @property
+    def mounts_dir(self) -> Path:
+        """The test's /etc/uniond/mounts.d."""
+        return self.state_dir.parent / "mounts.d"
 
     def start(self, wait_ready: bool = True) -> None:
         if not self.config_path.exists():
@@ -101,7 +107,8 @@ class Daemon:
         self._ready_index = len(self.notify.drain())
         log = open(self.log_path, "a")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uniond", "--bus", "system", "--config", str(self.config_path)],
+            [sys.executable, "-m", "uniond", "--bus", "system", "--config", str(self.config_path),
+             "--mounts-dir", str(self.mounts_dir), *self.extra_args],
             env=env,
             stderr=log,
             stdout=log,

@@ -36,6 +36,7 @@ ACTION_UNMOUNT_OTHER = "org.uniond1.unmount-other"
 ACTION_EXPORT = "org.uniond1.export"
 ACTION_COMMIT = "org.uniond1.commit"
 ACTION_IMPORT = "org.uniond1.import"
+ACTION_RELOAD = "org.uniond1.reload"  # Reload(): re-read the configuration and mounts.d
 
 # The option every method accepts (udisks2's name): never ask the user to authenticate.
 OPTION_NO_USER_INTERACTION = "auth.no_user_interaction"
@@ -49,4 +50,6 @@ SYSTEMD_UNIT = "uniond.service"
 DEFAULT_STATE_DIRECTORY = "/var/lib/uniond"
 DEFAULT_RUNTIME_DIRECTORY = "/run/uniond"
 DEFAULT_CONFIG_PATH = "/etc/uniond/uniond.conf"
+DEFAULT_MOUNTS_DIRECTORY = "/etc/uniond/mounts.d"  # declared mounts; also $RUNTIME_DIRECTORY/mounts.d
+MOUNTS_D = "mounts.d"
 SYSTEM_BUS_SOCKET = "/run/dbus/system_bus_socket"

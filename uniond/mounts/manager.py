@@ -142,6 +142,16 @@ class MountManager:
 
     # ---- Mount -----------------------------------------------------------------
 
+    def mount_declared(self, request: MountRequest, mount_id: str, name: str) -> MountRecord:
+        """A mount the administrator declared: made for root, with nobody to ask."""
+        opts = options.check(name, request.options, options.MOUNT_OPTIONS)
+        with contextlib.ExitStack() as held:
+            context = plan.Context(self.places, self.runtime_dir, self._boot_id, self.records.values())
+            checked = plan.make(request, opts, mount_id, 0, context, held)
+            plan.recheck(checked, self.records.values())
+            record = dataclasses.replace(checked.record, name=name, persistent=True)
+            return self._make(dataclasses.replace(checked, record=record))
+
     async def mount(self, request: MountRequest, caller: Caller) -> MountRecord:
         opts = options.check("Mount", request.options, options.MOUNT_OPTIONS)
         if not request.lowerdirs:
@@ -230,14 +240,30 @@ class MountManager:
     async def unmount(self, mount_id: str, caller: Caller, opts: dict[str, Any]) -> MountRecord:
         opts = options.check("Unmount", opts, options.UNMOUNT_OPTIONS)
         record = self.get(mount_id)
-        action = ACTION_UNMOUNT_OWN if caller.uid == record.owner else ACTION_UNMOUNT_OTHER
-        await self.authorize(caller, action, opts, record)
+        # A declared mount is the administrator's, whoever its owner uid is.
+        own = caller.uid == record.owner and not record.persistent
+        await self.authorize(caller, ACTION_UNMOUNT_OWN if own else ACTION_UNMOUNT_OTHER, opts, record)
         record = self.get(mount_id)  # another call may have unmounted it meanwhile
         if self.claims.in_use(mount_id):
             raise Busy(f"mount {mount_id} is being exported or committed; unmount it when that has finished")
-        mountpoint = record.spec.mountpoint
+        return self._take_down(record, opts.get("lazy", False), f"asked by uid {caller.uid}")
+
+    def remove(self, mount_id: str, reason: str) -> MountRecord | None:
+        """Unmount without a caller (its binding ended, its declaration went), lazily
+        when busy; ``reason`` goes to the log. None if it was no longer there."""
+        record = self.records.get(mount_id)
+        if record is None:
+            return None
         try:
-            engine.unmount(mountpoint, lazy=opts.get("lazy", False), mnt_id=record.mnt_id)
+            return self._take_down(record, False, reason)
+        except Busy:
+            log.info("mount %s: busy, detaching it lazily", mount_id)
+            return self._take_down(record, True, reason)
+
+    def _take_down(self, record: MountRecord, lazy: bool, reason: str) -> MountRecord:
+        mount_id, mountpoint = record.id, record.spec.mountpoint
+        try:
+            engine.unmount(mountpoint, lazy=lazy, mnt_id=record.mnt_id)
         except OSError as e:
             if e.errno == errno.EBUSY:
                 users = ", ".join(str(h) for h in holders.find(mountpoint)) or "no process found"
@@ -251,7 +277,7 @@ class MountManager:
         del self.records[mount_id]
         if not reconcile.cleanup(self.store, record):
             self._stale[mount_id] = record
-        log.info("mount %s: unmounted %s (asked by uid %d)", mount_id, mountpoint, caller.uid)
+        log.info("mount %s: unmounted %s (%s)", mount_id, mountpoint, reason)
         self._notify("mount_removed", record)
         return record
 

@@ -27,6 +27,9 @@ class MountRecord:
     workdir_created: bool = False  # the daemon made the workdir, so it may remove it (C4)
     mountpoint_created: bool = False
     mnt_id: int = 0  # kernel mount id once mounted (0 = intent only)
+    name: str = ""  # a declared mount's name (its mounts.d file), "" for others
+    persistent: bool = False  # declared: brought up at start, mounted again when found gone
+    bound_to: str = ""  # what the mount lives as long as ("caller:NAME", "unit:NAME", "session:ID")
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

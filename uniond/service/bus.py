@@ -12,7 +12,7 @@ import asyncio
 import contextvars
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from dbus_next import BusType, Message, MessageType, Variant
@@ -96,6 +96,7 @@ class BusService:
         self.interface = ManagerInterface(self)
         self._callers: OrderedDict[str, Caller] = OrderedDict()  # unique names are never reused
         self._objects: dict[str, MountInterface] = {}
+        self.on_reload: Callable[[], None] = lambda: None  # the daemon's reload
         manager.authority = Authority(self)
 
     async def connect(self) -> None:

@@ -178,6 +178,18 @@ class MountInterface(ServiceInterface):
     def Options(self) -> "a{sv}":
         return {key: _wrap(value) for key, value in self.record.options.items()}
 
+    @dbus_property(access=PropertyAccess.READ)
+    def Name(self) -> "s":
+        return self.record.name
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Persistent(self) -> "b":
+        return self.record.persistent
+
+    @dbus_property(access=PropertyAccess.READ)
+    def BoundTo(self) -> "s":
+        return self.record.bound_to
+
 
 class ManagerInterface(ServiceInterface):
     """org.uniond1.Manager: the methods callers use."""
@@ -254,6 +266,13 @@ class ManagerInterface(ServiceInterface):
         caller = await self.service.caller()
         result = await self.layers.commit(mount_id_of(mount), destdir, caller, _unwrap_options(options))
         return result.entries
+
+    @method()
+    @translated
+    async def Reload(self):
+        caller = await self.service.caller()
+        await self.manager.authorize(caller, constants.ACTION_RELOAD, {})
+        self.service.on_reload()
 
     @method()
     @translated
