@@ -32,6 +32,7 @@ from uniond.mounts import options, plan, reconcile
 from uniond.mounts import update as updating
 from uniond.mounts.claims import Claims
 from uniond.mounts.journal import StateStore, boot_id
+from uniond.mounts.lifetimes import Lifetimes
 from uniond.mounts.plan import MAX_LOWERS, MountRequest
 from uniond.mounts.reconcile import ReconcileReport
 from uniond.mounts.records import MountRecord, MountSpec
@@ -85,6 +86,7 @@ class MountManager:
         self._listeners: list[MountListener] = []
         self._boot_id = boot_id()
         self.claims = Claims()  # what the layer operations are using
+        self.lifetimes = Lifetimes(self)  # mounts bound to a caller, unit or session
 
     def configure(self, config: Config) -> None:
         """Take a (re)loaded configuration; paths are compared in canonical form."""
@@ -162,6 +164,7 @@ class MountManager:
             if opts.get(name) and not caller.is_root:
                 raise NotPermitted(f"{name}: only root may mount with {name}; other mounts are nodev,nosuid")
         self._check_quota(caller)
+        binding = await self.lifetimes.resolve(caller, opts["bind"], opts) if opts.get("bind") else None
         mount_id = secrets.token_hex(6)
         with contextlib.ExitStack() as held:
             context = plan.Context(self.places, self.runtime_dir, self._boot_id, self.records.values())
@@ -174,7 +177,13 @@ class MountManager:
             # daemon's own state is checked again, as it may have changed meanwhile.
             self._check_quota(caller)
             plan.recheck(checked, self.records.values())
-            return self._make(checked)
+            if binding is None:
+                return self._make(checked)
+            record = self._make(dataclasses.replace(
+                checked, record=dataclasses.replace(checked.record, bound_to=str(binding))
+            ))
+        self.lifetimes.watch(binding)
+        return record
 
     def _check_quota(self, caller: Caller) -> None:
         if caller.is_root:

@@ -29,6 +29,7 @@ from uniond.mounts.layerops import LayerOperations
 from uniond.mounts.manager import MountManager
 from uniond.mounts.records import MountRecord
 from uniond.service.interfaces import ManagerInterface, MountInterface, close_unclaimed_fds, mount_path
+from uniond.service.peers import BusPeers
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ class BusService:
         asyncio.get_running_loop().set_exception_handler(_ignore_replied_errors)
         self.bus.add_message_handler(close_unclaimed_fds)
         self.bus.add_message_handler(self._remember_sender)
+        self.manager.lifetimes.peers = BusPeers(self.bus, self.manager.lifetimes)
         self.bus.export(constants.MANAGER_PATH, self.interface)
         for record in self.manager.list():
             self.mount_added(record, announce=False)

@@ -114,6 +114,7 @@ class Daemon:
         service = BusService(self.manager, LayerOperations(self.manager), self._bus_address())
         service.on_reload = self.reload
         await service.connect()
+        await self.manager.lifetimes.restore()  # bound mounts whose peer went meanwhile go
         self.manager.subscribe(self)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop_event.set)
