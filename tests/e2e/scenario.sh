@@ -108,6 +108,35 @@ echo "$C" > "$OUT/mount-c"
 umount $S/cm
 call Unmount 'oa{sv}' "$C" 0 > "$OUT/unmount-c.json" 2> "$OUT/unmount-c.err"; echo $? > "$OUT/unmount-c.rc"
 
+step bound-unit
+# A service asks for its mount from ExecStartPre= with bind=unit: the mount goes when
+# the service stops. A second mount is bound by name (unit:NAME) to another service.
+mkdir -p $S/ul $S/um $S/vm
+echo u > $S/ul/u
+printf '[Service]\nExecStartPre=/usr/bin/busctl call org.uniond1 /org/uniond1 org.uniond1.Manager Mount asssa{sv} 1 %s "" %s 1 bind s unit\nExecStart=/bin/sleep infinity\n' \
+  $S/ul $S/um > /etc/systemd/system/e2e-bound.service
+systemctl daemon-reload
+systemctl start e2e-bound.service; echo $? > "$OUT/bound-start.rc"
+systemd-run --unit=e2e-named sleep 600
+call Mount 'asssa{sv}' 1 $S/ul "" $S/vm 1 bind s unit:e2e-named.service > "$OUT/mount-v.json"
+objpath "$OUT/mount-v.json" > "$OUT/mount-v"
+mount_at() {  # the mount object whose Mountpoint is $1
+  for p in $(busctl call org.uniond1 /org/uniond1 org.uniond1.Manager ListMounts | cut -d' ' -f3- | tr -d '"'); do
+    [ "$(prop "$p" Mountpoint)" = "$1" ] && echo "$p"
+  done
+}
+mount_at $S/um > "$OUT/mount-u"
+cat $S/um/u > "$OUT/bound-while-running"
+prop "$(cat "$OUT/mount-u")" BoundTo > "$OUT/bound-to-u"
+prop "$(cat "$OUT/mount-v")" BoundTo > "$OUT/bound-to-v"
+unmounted() { ! findmnt -n "$1" > /dev/null; }
+systemctl stop e2e-bound.service
+wait_for 10 unmounted $S/um; echo $? > "$OUT/bound-u-gone.rc"
+findmnt -n $S/vm > /dev/null; echo $? > "$OUT/bound-v-while-named-runs.rc"
+systemctl stop e2e-named.service
+wait_for 10 unmounted $S/vm; echo $? > "$OUT/bound-v-gone.rc"
+call ListMounts > "$OUT/list-after-bound.json"
+
 step kill
 # B is unmounted behind uniond's back, then uniond is killed: the restarted daemon
 # adopts A (still mounted) and cleans B's workdir (its mount is gone).
