@@ -180,3 +180,27 @@ def test_kernel_refusal_is_failed_and_the_old_mount_stays_writable(client, layer
     assert client.props(path)["LowerDirs"] == [str(t / "image2"), str(t / "image1")]
     (t / "merge/still-writable").write_text("x")
     assert (t / "upper/still-writable").exists()
+
+
+def test_update_asks_polkit_like_mount_and_unmount(client, polkit, bus, user_dirs, layers):
+    from harness import run_as
+
+    t, nobody = user_dirs, 65534
+    polkit.set_allowed([constants.ACTION_MOUNT])
+    [(ok, path)] = run_as(nobody, bus.address, [["mount", [str(t / "image1")], str(t / "upper"), str(t / "merge"), {}]])
+    assert ok == "ok"
+    # The owner, with lowers it can read: the mount action, with the new lowers as details.
+    [result] = run_as(nobody, bus.address, [["call", "Update", "oasa{sv}", path, [str(t / "image2")], {}, {}]])
+    assert result[0] == "ok", result
+    call = polkit.calls()[-1]
+    assert call["action"] == constants.ACTION_MOUNT and call["details"]["lowerdirs"] == str(t / "image2")
+    # A lower the caller cannot read: mount-any, refused; the mount stays as it was.
+    [result] = run_as(nobody, bus.address, [["call", "Update", "oasa{sv}", path, [str(layers / "image1")], {}, {}]])
+    assert result[:2] == ["error", f"{E}.NotAuthorized"]
+    assert polkit.calls()[-1]["action"] == constants.ACTION_MOUNT_ANY
+    assert client.props(path)["LowerDirs"] == [str(t / "image2")]
+    # Someone else's mount: unmount-other first.
+    root_mount = client.mount([layers / "image1"], layers / "upper", layers / "merge")
+    [result] = run_as(nobody, bus.address, [["call", "Update", "oasa{sv}", root_mount, [str(t / "image2")], {}, {}]])
+    assert result[:2] == ["error", f"{E}.NotAuthorized"]
+    assert polkit.calls()[-1]["action"] == constants.ACTION_UNMOUNT_OTHER
