@@ -204,3 +204,24 @@ def test_update_asks_polkit_like_mount_and_unmount(client, polkit, bus, user_dir
     [result] = run_as(nobody, bus.address, [["call", "Update", "oasa{sv}", root_mount, [str(t / "image2")], {}, {}]])
     assert result[:2] == ["error", f"{E}.NotAuthorized"]
     assert polkit.calls()[-1]["action"] == constants.ACTION_UNMOUNT_OTHER
+
+
+def test_update_with_a_file_open_for_writing_is_busy(client, layers):
+    t = layers
+    path = client.mount([t / "image1"], t / "upper", t / "merge")
+    writer = subprocess.Popen([sys.executable, "-c", "import sys; f = open('w', 'w'); sys.stdin.read()"],
+                              cwd=t / "merge", stdin=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while not (t / "upper/w").exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        with pytest.raises(CallError) as e:
+            update(client, path, [t / "image2"])
+        assert e.value.name == f"{E}.Busy" and f"(pid {writer.pid})" in e.value.text, e.value
+    finally:
+        writer.communicate("", timeout=10)
+    assert client.props(path)["LowerDirs"] == [str(t / "image1")]
+    (t / "merge/still-writable").write_text("x")
+    update(client, path, [t / "image2"])
+    assert sorted(os.listdir(t / "merge")) == ["c", "still-writable", "w"]
