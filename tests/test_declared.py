@@ -164,6 +164,12 @@ def test_lost_mount_comes_back_and_unmount_holds_until_reload(daemon, client, po
     assert sorted(os.listdir(t / "merge")) == ["a", "b", "c"]
     assert client.list() == [path_of("app")], "the unmounted one stays down"
     assert not is_mounted(t / "m2")
+    # The hold ends when its file changes (picked up by the same periodic check) ...
+    declare(d, "view", "# changed\n" + toml([t / "image2"], mountpoint=t / "m2"))
+    wait_until(lambda: is_mounted(t / "m2"), 15)
+    assert sorted(client.list()) == sorted([path_of("app"), path_of("view")])
+    # ... or at a reload.
+    client.unmount(path_of("view"))
     client.call("Reload")
     assert sorted(client.list()) == sorted([path_of("app"), path_of("view")])
     assert is_mounted(t / "m2")
