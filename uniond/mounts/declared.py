@@ -155,10 +155,12 @@ class DeclaredMounts:
 
     def _swap(self, record: MountRecord, declaration: Declaration) -> bool:
         """Only the lowers (or the description) changed: the Update path, no gap.
-        Anything else changes the mount's place or upper: unmount, then mount."""
+        Anything else changes the mount's place or upper (or the kernel cannot mount
+        beneath): unmount, then mount."""
         wanted = declaration.request()
         same_place = (
-            _canonical(wanted.upperdir) == record.spec.upperdir
+            syscalls.kernel_version() >= updating.BENEATH_SINCE
+            and _canonical(wanted.upperdir) == record.spec.upperdir
             and (_canonical(wanted.mountpoint) or record.spec.mountpoint) == record.spec.mountpoint
             and {k: v for k, v in wanted.options.items() if k != "description"}
             == {k: v for k, v in record.options.items() if k != "description"}
