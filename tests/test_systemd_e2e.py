@@ -184,6 +184,19 @@ def test_reload_rereads_the_configuration(scenario):
     assert any("configuration reloaded" in e["MESSAGE"] for e in scenario.uniond_lines("reload-info"))
 
 
+def test_declared_mount_follows_its_file_on_reload(scenario):
+    assert scenario.text("check.rc") == "0", scenario.text("check.out")
+    assert "1 declared mount good" in scenario.text("check.out")
+    assert scenario.text("reload-declared.rc") == "0"
+    assert scenario.text("declared-content") == "d"
+    assert scenario.text("declared-name") == "e2e"
+    assert scenario.text("declared-after-removal.rc") == "1", "still mounted after its file was removed"
+    d = mount_id(scenario.text("mount-d"))
+    lines = [e["MESSAGE"] for e in scenario.uniond_lines("declared")]
+    assert any(m.startswith(f"mount {d}: declared mount 'e2e' is up") for m in lines), lines
+    assert any(m.startswith(f"mount {d}: unmounted /srv/e2e/dm") and "e2e.toml was removed" in m for m in lines), lines
+
+
 def test_mount_bound_to_a_unit_goes_when_the_unit_stops(scenario):
     assert scenario.text("bound-start.rc") == "0"
     assert scenario.text("bound-while-running") == "u"
@@ -282,7 +295,7 @@ def test_journal_keeps_priorities_and_mount_ids(scenario):
     behind = [e for e in lines if "already unmounted behind" in e["MESSAGE"]]
     assert behind and behind[0]["PRIORITY"] == "4" and behind[0]["MESSAGE"].startswith(f"mount {c}:")
     # Every line that names one of the scenario's mountpoints or mount objects names the mount id.
-    ids = [mount_id(scenario.text(n)) for n in ("mount-a", "mount-b", "mount-c", "mount-u", "mount-v")]
+    ids = [mount_id(scenario.text(n)) for n in ("mount-a", "mount-b", "mount-c", "mount-d", "mount-u", "mount-v")]
     for e in lines:
         message = e["MESSAGE"]
         if "/srv/e2e/" in message or "/org/uniond1/mount/" in message:
