@@ -140,6 +140,12 @@ def test_reload_applies_new_removed_and_changed_files(daemon, client, layers, tm
     log = daemon.log()
     assert "view.toml was removed" in log and "changed in place" in log
 
+    # A file that turned bad is reported; its mount stays as it was.
+    declare(d, "app", toml([v2, t / "image1"], t / "upper", t / "m2") + "oops = \n")
+    client.call("Reload")
+    assert client.list() == [path_of("app")] and is_mounted(t / "m2")
+    assert f"{d / 'app.toml'}:4: not valid TOML" in daemon.log()
+
 
 def test_lost_mount_comes_back_and_unmount_holds_until_reload(daemon, client, polkit, bus, layers):
     t = layers
