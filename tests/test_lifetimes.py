@@ -85,14 +85,18 @@ def test_busy_bound_mount_is_detached_lazily(client, bus, daemon, layers):
     inside = subprocess.Popen(["sleep", "60"], cwd=t / "merge")
     try:
         holder.kill()
-        wait_gone(client, holder.path, t / "merge")
-        # The process inside keeps its whole view; the mountpoint is free for others.
+        started = time.monotonic()
+        while not client.props(holder.path)["Detached"]:
+            assert time.monotonic() - started < 10, "not detached after its caller was killed"
+            time.sleep(0.05)
+        # Off the mountpoint at once; the process inside keeps its whole view.
+        assert not is_mounted(t / "merge") and os.listdir(t / "merge") == []
         assert sorted(os.listdir(f"/proc/{inside.pid}/cwd")) == ["a", "b", "c"]
-        assert os.listdir(t / "merge") == []
         assert "busy, detaching it lazily" in daemon.log()
     finally:
         inside.kill()
         inside.wait()
+    wait_gone(client, holder.path, t / "merge")  # the object goes with the last user
 
 
 def test_binding_survives_a_restart_unless_the_peer_went(client, bus, daemon, layers):

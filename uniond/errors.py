@@ -45,6 +45,11 @@ class NotSupported(UniondError):
     dbus_name = constants.ERROR_NOT_SUPPORTED
 
 
+class NotRecorded(Failed):
+    """The journal could not take a line (a full disk, an I/O error), and nothing of it
+    remains: the operation that needed it was not done (a Failed on the bus)."""
+
+
 class NotAuthorized(UniondError):
     """polkit (or its absence) says no."""
 

@@ -207,8 +207,9 @@ def is_mount_root(path: str) -> bool:
     return syscalls.mount_identity(path)[1]
 
 
-def clear_workdir(workdir: str, remove_dir: bool) -> None:
-    """Remove what overlayfs put in ``workdir`` and, if the daemon made it, the directory.
+def clear_workdir(workdir: str, remove_dir: bool, marker: str = "") -> None:
+    """Remove what overlayfs put in ``workdir`` and, if the daemon made it, the directory
+    (and the ``marker`` file it left there, C4).
 
     Only the kernel's own entries are removed recursively, never across a mount (C4),
     after fixing the mode-000 the kernel gives them (C5). The directory itself goes by
@@ -229,6 +230,9 @@ def clear_workdir(workdir: str, remove_dir: bool) -> None:
         if stat.S_ISDIR(st.st_mode):
             _remove_tree(path, top.st_dev)
     if remove_dir:
+        if marker:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(workdir, marker))
         os.rmdir(workdir)
 
 

@@ -51,10 +51,12 @@ class DeclaredMounts:
         self.declarations: dict[str, Declaration] = {}
         self._held: dict[str, str] = {}  # name -> digest of its file when an admin unmounted it
         self._busy = False  # our own removals are no admin's Unmount
+        self._pending: set[str] = set()  # declared, not up: tried again at every check
         manager.subscribe(self)
 
     def _ours(self) -> dict[str, MountRecord]:
-        return {r.name: r for r in self.manager.records.values() if r.persistent}
+        """The declared mounts on their mountpoints (a detached one is on its way out)."""
+        return {r.name: r for r in self.manager.records.values() if r.persistent and not r.detached}
 
     def apply(self, reload: bool = False) -> Outcome:
         """Make the mounts agree with the files; a reload also ends every hold."""
@@ -63,6 +65,7 @@ class DeclaredMounts:
             log.error("declared mount skipped: %s", problem)
         if reload:
             self._held.clear()
+        self._pending &= set(found)
         bad = declfiles.bad_names(problems)
         current = self._ours()
         outcome: dict[str, list[str]] = {k.name: [] for k in dataclasses.fields(Outcome)}
@@ -100,6 +103,9 @@ class DeclaredMounts:
             declaration = self.declarations.get(name)
             if declaration is not None and name not in self._held:
                 self._mount(declaration)
+        for name in sorted(self._pending - set(self._held)):
+            if name in self.declarations and name not in self._ours():
+                self._mount(self.declarations[name], again=True)
         for name, digest in list(self._held.items()):
             declaration = self.declarations.get(name)
             changed = _digest(declaration.path) if declaration else None
@@ -114,21 +120,18 @@ class DeclaredMounts:
                     self._mount(fresh[name])
 
     # MountListener: an administrator's Unmount of a declared mount holds it down.
-    def mount_added(self, record: MountRecord) -> None:
-        pass
-
     def mount_removed(self, record: MountRecord) -> None:
         if record.persistent and not self._busy:
             declaration = self.declarations.get(record.name)
             self._held[record.name] = declaration.digest if declaration else ""
             log.info("declared mount %r held down until its file changes or uniond is reloaded", record.name)
 
-    def mount_changed(self, record: MountRecord, changed: tuple[str, ...]) -> None:
-        pass
-
     # ---- doing ---------------------------------------------------------------
 
-    def _mount(self, declaration: Declaration) -> bool:
+    def _mount(self, declaration: Declaration, again: bool = False) -> bool:
+        """Mount it; on failure say why (once: ``again`` retries are quiet) and keep
+        trying at every check, e.g. until a lower's disk is there or the detached
+        previous mount of the name has lost its last user."""
         text = _text(declaration.path)
         try:
             record = self.manager.mount_declared(
@@ -136,8 +139,10 @@ class DeclaredMounts:
             )
         except UniondError as e:
             problem = declfiles.Problem(declaration.path, declfiles.argument_line(text, str(e)), str(e))
-            log.error("declared mount skipped: %s", problem)
+            log.log(logging.DEBUG if again else logging.ERROR, "declared mount skipped: %s", problem)
+            self._pending.add(declaration.name)
             return False
+        self._pending.discard(declaration.name)
         log.info("mount %s: declared mount %r is up at %s", record.id, declaration.name, record.spec.mountpoint)
         return True
 

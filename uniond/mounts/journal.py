@@ -6,25 +6,42 @@ leaves room for one). The journal is compacted by an atomic replace at start-up,
 the extra syncs cost nothing a caller waits for. It lives in the state directory so it
 survives a reboot (C2), under an exclusive flock so two daemons never reconcile at once
 (C6).
+
+The journal is a help, not the truth (the kernel's table and the marks the daemon leaves
+are, see reconcile): so a damaged journal never stops a start. Each line is read on its
+own, an unreadable one is skipped, and a file with such lines is kept aside (hard-linked
+to ``mounts.journal.damaged-<time>``, which costs no space) and logged with what was
+lost. A write that fails (a full disk, EIO) is taken back whole, so no torn line ever
+swallows the next record, and the caller learns that it was not recorded.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import json
 import logging
 import os
+import time
 
-from uniond.errors import Failed
+from uniond.errors import Failed, NotRecorded
+from uniond.mounts import crash
 from uniond.mounts.records import MountRecord
 
 log = logging.getLogger(__name__)
 
 JOURNAL = "mounts.journal"
 LOCK = "lock"
+DAMAGED = JOURNAL + ".damaged-"
+# Test-only: a simulated reboot (tests/test_journal.py). Never set by the unit or the package.
+BOOT_ID_OVERRIDE = "UNIOND_TEST_BOOT_ID"
 
 
 def boot_id() -> str:
+    override = os.environ.get(BOOT_ID_OVERRIDE)
+    if override:
+        return override
     with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
         return f.read().strip()
 
@@ -35,6 +52,7 @@ class StateStore:
         self.path = os.path.join(directory, JOURNAL)
         self._lock_fd = -1
         self._journal_fd = -1
+        self._torn = False  # the file may end inside a line: start the next one afresh
 
     def lock(self) -> None:
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
@@ -51,60 +69,160 @@ class StateStore:
     def load(self) -> dict[str, MountRecord]:
         records: dict[str, MountRecord] = {}
         try:
-            with open(self.path, encoding="utf-8") as f:
-                lines = f.readlines()
+            with open(self.path, "rb") as f:
+                data = f.read()
         except FileNotFoundError:
             return records
+        lines = data.split(b"\n")
+        torn_tail = lines.pop()  # b"" when the file ends with a newline, as it should
+        lost: list[str] = []
         for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
             try:
-                entry = json.loads(line)
+                entry = json.loads(line.decode("utf-8"))
+                if not isinstance(entry, dict) or len(entry) != 1:
+                    raise ValueError("not one put or drop")
                 if "put" in entry:
                     record = MountRecord.from_json(entry["put"])
                     records[record.id] = record
-                else:
+                elif isinstance(entry.get("drop"), str):
                     records.pop(entry["drop"], None)
-            except (ValueError, KeyError, TypeError) as e:
-                # A torn last line after a crash is expected; anything else is logged.
-                log.warning("state journal %s line %d unreadable, ignored: %s", self.path, number, e)
+                else:
+                    raise ValueError("not one put or drop")
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+                lost.append(f"line {number} ({e}): {line[:200]!r}")
+        if torn_tail:
+            # A crash in the middle of an append: expected, and the reason the intent is
+            # synced before anything exists (C1). Its mount, if any, is found by its mark.
+            log.warning("state journal %s ends in a torn line, ignored: %r", self.path, torn_tail[:200])
+        if lost:
+            self._keep_aside(lost)
         return records
 
-    def compact(self, records: dict[str, MountRecord]) -> None:
-        """Replace the journal with one line per live record (atomic, durable)."""
+    def _keep_aside(self, lost: list[str]) -> None:
+        aside = os.path.join(self.directory, DAMAGED + time.strftime("%Y%m%dT%H%M%S"))
+        try:
+            os.link(self.path, aside)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            aside = f"(could not keep a copy: {e.strerror})"
+        log.error(
+            "state journal %s is damaged: %d unreadable line(s) skipped, kept for inspection as %s; "
+            "their mounts are recovered from the kernel's table and uniond's marks. Lost: %s",
+            self.path, len(lost), aside, "; ".join(lost[:20]),
+        )
+
+    def compact(self, records: dict[str, MountRecord]) -> bool:
+        """Replace the journal with one line per live record (atomic, durable).
+
+        On a full disk the old journal stays as it is (it still says the same, with
+        more lines) and False is returned: a start must not need free space.
+        """
         self.close()
         tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for record in records.values():
-                f.write(json.dumps({"put": record.to_json()}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            os.fsync(dir_fd)
+            with open(tmp, "wb") as f:
+                for record in records.values():
+                    _write_all(f.fileno(), _line({"put": record.to_json()}))
+                os.fsync(f.fileno())
+            crash.point("reconcile.compacting")
+            os.replace(tmp, self.path)
+            _sync_directory(self.directory)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            log.warning(
+                "state journal %s not compacted (%s); kept as it is, compacted at a later start",
+                self.path, e.strerror or e,
+            )
+            return False
         finally:
-            os.close(dir_fd)
-        self._journal_fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            self._torn = False
+        return True
 
-    def _append(self, entry: dict, durable: bool) -> None:
+    def _open(self) -> int:
         if self._journal_fd < 0:
             self._journal_fd = os.open(
                 self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
             )
-        os.write(self._journal_fd, (json.dumps(entry) + "\n").encode())
-        if durable:
-            os.fdatasync(self._journal_fd)
+        return self._journal_fd
+
+    def _append(self, entry: dict, durable: bool) -> None:
+        """Append one whole line, or nothing: a short or failed write is cut off again."""
+        data = (b"\n" if self._torn else b"") + _line(entry)
+        try:
+            fd = self._open()
+            start = os.lseek(fd, 0, os.SEEK_END)
+        except OSError as e:
+            raise NotRecorded(self._why(e)) from None
+        try:
+            _write_all(fd, data)
+            if durable:
+                os.fdatasync(fd)
+        except OSError as e:
+            try:
+                os.ftruncate(fd, start)
+                self._torn = False
+            except OSError:
+                self._torn = True
+            raise NotRecorded(self._why(e)) from None
+        self._torn = False
+
+    def _why(self, e: OSError) -> str:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"the state directory {self.directory} is full ({e.strerror}); free some space there"
+        return f"the state journal {self.path} cannot be written ({e.strerror or e})"
 
     def intend(self, record: MountRecord) -> None:
-        """Durably note a mount about to be made, before anything is created for it."""
+        """Durably note a mount about to be made, before anything is created for it.
+
+        Raises NotRecorded: then nothing may be made, as a crash would orphan it."""
         self._append({"put": record.to_json()}, durable=True)
 
-    def update(self, record: MountRecord) -> None:
-        self._append({"put": record.to_json()}, durable=False)
+    def update(self, record: MountRecord) -> bool:
+        """Note a change the kernel already shows (a mount's id, a detach); not synced, as
+        reconciliation finds the same from the kernel's table. False if not written."""
+        return self._best_effort({"put": record.to_json()}, record.id)
 
-    def drop(self, mount_id: str) -> None:
-        self._append({"drop": mount_id}, durable=False)
+    def drop(self, mount_id: str) -> bool:
+        """Forget a mount that is gone and cleaned; if this is lost, the next start finds
+        the mount gone and cleans (nothing) again. False if not written."""
+        return self._best_effort({"drop": mount_id}, mount_id)
+
+    def _best_effort(self, entry: dict, mount_id: str) -> bool:
+        try:
+            self._append(entry, durable=False)
+        except NotRecorded as e:
+            log.warning("mount %s: not recorded in the journal: %s; reconciled at the next start", mount_id, e)
+            return False
+        return True
 
     def close(self) -> None:
         if self._journal_fd >= 0:
             os.close(self._journal_fd)
             self._journal_fd = -1
+
+
+def _line(entry: dict) -> bytes:
+    return (json.dumps(entry) + "\n").encode()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write may write less than asked (a disk filling up): that is an error here."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[written:]
+
+
+def _sync_directory(directory: str) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+

@@ -25,7 +25,7 @@ from uniond.kernel import holders
 from uniond.kernel import overlay as engine
 from uniond.layers import diff, snapshot, tree
 from uniond.layers import tar as layertar
-from uniond.mounts import options
+from uniond.mounts import crash, options
 from uniond.mounts.records import MountRecord
 
 if TYPE_CHECKING:
@@ -157,7 +157,9 @@ class LayerOperations:
         await self.manager.authorize(caller, ACTION_IMPORT, opts, destdir=canonical)
         with contextlib.ExitStack() as held:
             dest = self._destdir(held, canonical)
+            crash.point("import.claimed")
             result = await own_thread(layertar.import_layer, fd, f"/proc/self/fd/{dest.fd}/.", devices)
+            crash.point("import.written")
         log.info("imported a layer of %d entries into %s (uid %d)", result.entries, dest.path, caller.uid)
         return result
 
@@ -168,6 +170,11 @@ class LayerOperations:
         canonical = self._places.placed("destdir", destdir)
         await self.manager.authorize(caller, ACTION_COMMIT, opts, self.manager.get(mount_id), destdir=canonical)
         with self._using(mount_id) as record, contextlib.ExitStack() as held:
+            if record.detached:
+                raise Busy(
+                    f"mount {mount_id} was detached by a lazy Unmount; Commit needs it in place "
+                    "(ExportDiff still reads its upper)"
+                )
             dest = self._destdir(held, canonical)
             upper = self._upper_of(held, record)
             result = await asyncio.to_thread(_commit, record, upper, f"/proc/self/fd/{dest.fd}/.")
@@ -179,7 +186,10 @@ def _commit(record: MountRecord, upper: str, dest: str) -> snapshot.CommitResult
     spec = record.spec
     if not upper or spec.readonly or _freeze(record):
         try:
-            return snapshot.commit(upper, dest)
+            crash.point("commit.frozen")
+            result = snapshot.commit(upper, dest)
+            crash.point("commit.copied")
+            return result
         finally:
             if upper and not spec.readonly:
                 _thaw(record)

@@ -11,6 +11,7 @@ never leaves a half-made mount.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import errno
@@ -25,21 +26,24 @@ from uniond.access.paths import Places
 from uniond.access.polkit import Authority
 from uniond.config import Config
 from uniond.constants import ACTION_MOUNT, ACTION_MOUNT_ANY, ACTION_UNMOUNT_OTHER, ACTION_UNMOUNT_OWN
-from uniond.errors import Busy, Failed, InvalidArgument, NotFound, NotPermitted
+from uniond.errors import Busy, Failed, InvalidArgument, NotFound, NotPermitted, NotRecorded
 from uniond.kernel import holders, syscalls
 from uniond.kernel import overlay as engine
-from uniond.mounts import options, plan, reconcile
+from uniond.mounts import crash, options, plan, reconcile
 from uniond.mounts import update as updating
 from uniond.mounts.claims import Claims
 from uniond.mounts.journal import StateStore, boot_id
 from uniond.mounts.lifetimes import Lifetimes
+from uniond.mounts.marks import Marks, write_workdir_marker
 from uniond.mounts.plan import MAX_LOWERS, MountRequest
 from uniond.mounts.reconcile import ReconcileReport
-from uniond.mounts.records import MountRecord, MountSpec
+from uniond.mounts.records import MountRecord
 
 __all__ = ["MountManager", "MountRequest", "MountListener", "ReconcileReport"]
 
 log = logging.getLogger(__name__)
+
+DETACHED_POLL_SECONDS = 2.0  # how soon the last user of a detached mount is noticed
 
 
 class MountListener(Protocol):
@@ -47,25 +51,9 @@ class MountListener(Protocol):
 
     def mount_removed(self, record: MountRecord) -> None: ...
 
-    def mount_changed(self, record: MountRecord, changed: tuple[str, ...]) -> None: ...
-
-
-def _escape(path: str) -> str:
-    return path.replace("\\", "\\\\").replace(":", "\\:")
-
-
-def _details(spec: MountSpec, mount_id: str = "", owner: int | None = None) -> dict[str, str]:
-    """What polkit rules can match on; lowerdirs joined with ':' as overlayfs' option (M2)."""
-    details = {
-        "mountpoint": spec.mountpoint,
-        "lowerdirs": ":".join(_escape(p) for p in spec.lowerdirs),
-        "upperdir": spec.upperdir,
-    }
-    if mount_id:
-        details["mount"] = mount_id
-    if owner is not None:
-        details["owner"] = str(owner)
-    return details
+    def mount_changed(self, record: MountRecord, changed: tuple[str, ...] = ()) -> None:
+        """``changed``: the properties of the mount object that changed (Detached is
+        told by the record itself)."""
 
 
 class MountManager:
@@ -86,6 +74,7 @@ class MountManager:
         self._listeners: list[MountListener] = []
         self._boot_id = boot_id()
         self.claims = Claims()  # what the layer operations are using
+        self.marks = Marks(runtime_dir)
         self.lifetimes = Lifetimes(self)  # mounts bound to a caller, unit or session
 
     def configure(self, config: Config) -> None:
@@ -112,7 +101,7 @@ class MountManager:
     def start(self, progress: Callable[[], None] | None = None) -> ReconcileReport:
         """Lock the state, then make the record agree with the kernel (C3)."""
         self.store.lock()
-        outcome = reconcile.reconcile(self.store, self._boot_id, progress)
+        outcome = reconcile.reconcile(self.store, self.marks, self._boot_id, progress)
         self.records.update(outcome.live)
         self._stale.update(outcome.stale)
         for record in self.records.values():
@@ -138,7 +127,7 @@ class MountManager:
         """
         found: dict[str, str] = {}
         if record is not None:
-            found = _details(record.spec, record.id, record.owner)
+            found = plan.details(record.spec, record.id, record.owner)
         found.update(details)
         await self.authority.authorize(caller, action, found, options.interactive(opts))
 
@@ -146,6 +135,8 @@ class MountManager:
 
     def mount_declared(self, request: MountRequest, mount_id: str, name: str) -> MountRecord:
         """A mount the administrator declared: made for root, with nobody to ask."""
+        if mount_id in self.records:
+            raise Busy(f"the previous mount of {name!r} is detached and still in use; it comes up when that ends")
         opts = options.check(name, request.options, options.MOUNT_OPTIONS)
         with contextlib.ExitStack() as held:
             context = plan.Context(self.places, self.runtime_dir, self._boot_id, self.records.values())
@@ -171,7 +162,7 @@ class MountManager:
             checked = plan.make(request, opts, mount_id, caller.uid, context, held)
             action = ACTION_MOUNT if plan.reachable(checked, caller) else ACTION_MOUNT_ANY
             await self.authority.authorize(
-                caller, action, _details(checked.record.spec), options.interactive(opts)
+                caller, action, plan.details(checked.record.spec), options.interactive(opts)
             )
             # No await from here on: what was authorized is what gets mounted, and the
             # daemon's own state is checked again, as it may have changed meanwhile.
@@ -198,7 +189,11 @@ class MountManager:
 
     def _make(self, checked: plan.Plan) -> MountRecord:
         record, spec = checked.record, checked.record.spec
-        self.store.intend(record)  # C1: durable before anything exists
+        try:
+            self.store.intend(record)  # C1: durable before anything exists
+        except NotRecorded as e:
+            raise NotRecorded(f"uniond could not record the mount, so it made none: {e}") from None
+        crash.point("mount.intended")
         made: list[int] = []
         try:
             workdir_fd = checked.workdir.fd if checked.workdir is not None else None
@@ -208,6 +203,10 @@ class MountManager:
                 os.mkdir(name, 0o700, dir_fd=checked.upper_parent)
                 workdir_fd = syscalls.open_dir_nofollow(name, checked.upper_parent)
                 made.append(workdir_fd)
+                crash.point("mount.workdir-made")
+                write_workdir_marker(workdir_fd, record)
+            self.marks.put(record)
+            crash.point("mount.marked")
             if record.mountpoint_created:
                 os.makedirs(os.path.dirname(spec.mountpoint), mode=0o755, exist_ok=True)
                 os.mkdir(spec.mountpoint, 0o755)
@@ -223,6 +222,7 @@ class MountManager:
                 mountpoint=mountpoint_fd,
             )
             mnt_id = engine.mount(spec, fds)
+            crash.point("mount.attached")
         except OSError as e:
             self._undo(record)
             raise Failed(f"the kernel refused the mount: {e.strerror or e}") from e
@@ -233,14 +233,24 @@ class MountManager:
             for fd in made:
                 os.close(fd)
         record = dataclasses.replace(record, mnt_id=mnt_id)
+        # Not written (a full disk): the mount is made and kept all the same, since its
+        # synced intent and its marks are what a start recognises it by (C1, C4).
         self.store.update(record)
+        self._remark(record)
+        crash.point("mount.recorded")
         self.records[record.id] = record
         log.info("mount %s: mounted %s (owner uid %d)", record.id, spec.mountpoint, record.owner)
         self._notify("mount_added", record)
         return record
 
+    def _remark(self, record: MountRecord) -> None:
+        try:
+            self.marks.put(record)
+        except OSError as e:  # the intent's mark stays, which recognises the mount too
+            log.warning("mount %s: its mark could not be updated: %s", record.id, e)
+
     def _undo(self, record: MountRecord) -> None:
-        if reconcile.cleanup(self.store, record):
+        if reconcile.cleanup(self.store, record, self.marks):
             return
         self._stale[record.id] = record
 
@@ -253,16 +263,19 @@ class MountManager:
         own = caller.uid == record.owner and not record.persistent
         await self.authorize(caller, ACTION_UNMOUNT_OWN if own else ACTION_UNMOUNT_OTHER, opts, record)
         record = self.get(mount_id)  # another call may have unmounted it meanwhile
+        lazy = opts.get("lazy", False)
+        if record.detached:
+            return self._unmount_detached(record, lazy)
         if self.claims.in_use(mount_id):
             raise Busy(f"mount {mount_id} is being exported or committed; unmount it when that has finished")
-        return self._take_down(record, opts.get("lazy", False), f"asked by uid {caller.uid}")
+        return self._take_down(record, lazy, f"asked by uid {caller.uid}")
 
     def remove(self, mount_id: str, reason: str) -> MountRecord | None:
         """Unmount without a caller (its binding ended, its declaration went), lazily
         when busy; ``reason`` goes to the log. None if it was no longer there."""
         record = self.records.get(mount_id)
-        if record is None:
-            return None
+        if record is None or record.detached:
+            return None  # detached: off its mountpoint already, cleaned when its last user goes
         try:
             return self._take_down(record, False, reason)
         except Busy:
@@ -283,12 +296,72 @@ class MountManager:
             if e.errno not in (errno.EINVAL, errno.ENOENT):
                 raise Failed(f"unmounting {mountpoint} failed: {e.strerror}") from e
             log.warning("mount %s: was already unmounted behind the daemon's back", mount_id)
-        del self.records[mount_id]
-        if not reconcile.cleanup(self.store, record):
-            self._stale[mount_id] = record
+        crash.point("unmount.unmounted")
+        if lazy and record.mnt_id and holders.holding({record.mnt_id}):
+            # M12: the overlay lives on for the processes inside it; its workdir must too.
+            return self._detach(record, reason)
+        self._forget(record)
         log.info("mount %s: unmounted %s (%s)", mount_id, mountpoint, reason)
-        self._notify("mount_removed", record)
         return record
+
+    def _detach(self, record: MountRecord, reason: str) -> MountRecord:
+        record = dataclasses.replace(record, detached=True)
+        self.records[record.id] = record
+        self.store.update(record)
+        self._remark(record)
+        log.info(
+            "mount %s: detached from %s (%s); cleaned once its last user has gone",
+            record.id, record.spec.mountpoint, reason,
+        )
+        self._notify("mount_changed", record)
+        return record
+
+    def _unmount_detached(self, record: MountRecord, lazy: bool) -> MountRecord:
+        users = holders.holding({record.mnt_id}).get(record.mnt_id, [])
+        if not users:
+            self._forget(record)
+            log.info("mount %s: detached mount unused now; cleaned", record.id)
+        elif not lazy:
+            raise Busy(
+                f"mount {record.id} is already detached and still used by: {', '.join(map(str, users))}; "
+                "it is cleaned when they have gone"
+            )
+        return record
+
+    def _forget(self, record: MountRecord) -> None:
+        """The mount is gone from the kernel: clean what the daemon made and drop it."""
+        del self.records[record.id]
+        if not reconcile.cleanup(self.store, record, self.marks):
+            self._stale[record.id] = record
+        self._notify("mount_removed", record)
+
+    def detached(self) -> list[MountRecord]:
+        return [r for r in self.records.values() if r.detached]
+
+    def sweep_detached(self, held: dict[int, list[holders.Holder]] | None = None) -> list[MountRecord]:
+        """Clean every detached mount that no process holds any more (M12); run every
+        few seconds while there are detached mounts (watch_detached does). ``held``:
+        a scan of the holders made meanwhile, off the event loop."""
+        waiting = self.detached()
+        if not waiting:
+            return []
+        if held is None:
+            held = holders.holding({r.mnt_id for r in waiting})
+        gone = []
+        for record in waiting:
+            if record.mnt_id not in held and self.records.get(record.id) == record:
+                self._forget(record)
+                log.info("mount %s: the last user of the detached mount has gone; cleaned", record.id)
+                gone.append(record)
+        return gone
+
+    async def watch_detached(self, interval: float = DETACHED_POLL_SECONDS) -> None:
+        """Forever: notice detached mounts whose last user has gone (within ``interval``)."""
+        while True:
+            await asyncio.sleep(interval)
+            ids = {r.mnt_id for r in self.detached()}
+            if ids:
+                self.sweep_detached(await asyncio.to_thread(holders.holding, ids))
 
     # ---- Update ----------------------------------------------------------------
 
@@ -305,6 +378,8 @@ class MountManager:
     def _notify(self, event: str, record: MountRecord, *args: Any) -> None:
         for listener in self._listeners:
             try:
-                getattr(listener, event)(record, *args)
+                handler = getattr(listener, event, None)
+                if handler is not None:
+                    handler(record, *args)
             except Exception:
                 log.exception("mount %s: listener %s failed on %s", record.id, listener, event)

@@ -20,8 +20,8 @@ from uniond.access import paths, reach
 from uniond.access.caller import Caller
 from uniond.access.paths import OpenDir, Places
 from uniond.constants import OPTION_NO_USER_INTERACTION
-from uniond.errors import AlreadyMounted, InvalidArgument
-from uniond.kernel import mountinfo, syscalls
+from uniond.errors import AlreadyMounted, Busy, InvalidArgument
+from uniond.kernel import holders, mountinfo, syscalls
 from uniond.kernel import overlay as engine
 from uniond.mounts.records import MountRecord, MountSpec
 
@@ -85,6 +85,8 @@ def make(
     if request.upperdir:
         upper = places.open(held, "upperdir", request.upperdir, placed=True)
         named["upperdir"] = upper.path
+        if not readonly:
+            refuse_detached("upperdir", upper.path, ctx.records)
         if readonly and "workdir" in opts:
             raise InvalidArgument("workdir: a read-only mount uses no workdir; drop the option")
         if not readonly:
@@ -92,6 +94,7 @@ def make(
             if "workdir" in opts:
                 workdir_handle = places.open(held, "workdir", opts["workdir"], placed=True)
                 workdir = workdir_handle.path
+                refuse_detached("workdir", workdir, ctx.records)
                 check_workdir(workdir_handle, upper, ctx.records)
             else:
                 parent = places.open(held, "upperdir", os.path.dirname(upper.path))
@@ -139,6 +142,24 @@ def make(
     return Plan(record, lowers, upper, upper_parent, workdir_handle, mountpoint_handle)
 
 
+def escape(path: str) -> str:
+    return path.replace("\\", "\\\\").replace(":", "\\:")
+
+
+def details(spec: MountSpec, mount_id: str = "", owner: int | None = None) -> dict[str, str]:
+    """What polkit rules can match on; lowerdirs joined with ':' as overlayfs' option (M2)."""
+    details = {
+        "mountpoint": spec.mountpoint,
+        "lowerdirs": ":".join(escape(p) for p in spec.lowerdirs),
+        "upperdir": spec.upperdir,
+    }
+    if mount_id:
+        details["mount"] = mount_id
+    if owner is not None:
+        details["owner"] = str(owner)
+    return details
+
+
 def reachable(plan: Plan, caller: Caller) -> bool:
     """Could the caller read every lower and does it own the upper and mountpoint?"""
     if not all(reach.can_read(caller, h.path, h.st) for h in plan.lowers):
@@ -151,15 +172,32 @@ def recheck(plan: Plan, records: Iterable[MountRecord]) -> None:
     records = list(records)
     spec = plan.record.spec
     if spec.upperdir and not spec.readonly:
+        refuse_detached("upperdir", spec.upperdir, records)
+        if plan.workdir is not None:
+            refuse_detached("workdir", spec.workdir, records)
         refuse_upper_in_use(spec.upperdir, records)
         if plan.workdir is not None:
             check_workdir(plan.workdir, plan.upper, records)
     if plan.mountpoint is not None:
         # The descriptor still names the directory underneath a mount made since, so
         # ask the path and the record as well.
-        taken = any(r.spec.mountpoint == spec.mountpoint for r in records)
+        # A detached mount has left its mountpoint: that one may be mounted on again.
+        taken = any(r.spec.mountpoint == spec.mountpoint and not r.detached for r in records)
         if taken or engine.is_mount_root(spec.mountpoint):
             raise AlreadyMounted(f"mountpoint {spec.mountpoint!r} was mounted on meanwhile; pick another")
+
+
+def refuse_detached(argument: str, path: str, records: Iterable[MountRecord]) -> None:
+    """M7, M12: a lazily unmounted overlay still uses its upper and workdir while anyone is
+    inside it, so they are Busy (naming who) until it is gone, not merely "in use"."""
+    for record in records:
+        spec = record.spec
+        if record.detached and path in (spec.upperdir, spec.workdir) and not spec.readonly:
+            users = holders.holding({record.mnt_id}).get(record.mnt_id, [])
+            raise Busy(
+                f"{argument} {path!r} belongs to mount {record.id}, detached by a lazy Unmount and still used by: "
+                f"{', '.join(map(str, users)) or 'processes leaving now'}; stop them and try again"
+            )
 
 
 def refuse_upper_in_use(upper: str, records: Iterable[MountRecord]) -> None:

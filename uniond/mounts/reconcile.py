@@ -15,9 +15,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from uniond.kernel import mountinfo
+from uniond.kernel import holders, mountinfo
 from uniond.kernel import overlay as engine
+from uniond.mounts import crash
 from uniond.mounts.journal import StateStore
+from uniond.mounts.marks import WORKDIR_MARKER, Marks, marked_workdirs
 from uniond.mounts.records import MountRecord
 
 log = logging.getLogger(__name__)
@@ -40,14 +42,30 @@ class Outcome:
 
 
 def reconcile(
-    store: StateStore, boot_id: str, progress: Callable[[], None] | None = None
+    store: StateStore, marks: Marks, boot_id: str, progress: Callable[[], None] | None = None
 ) -> Outcome:
     """``progress`` is called about once a second while this runs long, so that the
     daemon can ask systemd for more start-up time."""
     recorded = store.load()
+    crash.point("reconcile.loaded")
     table = mountinfo.read()
+    # C4: what the journal lost (a damaged line, a full disk), the marks still know.
+    for record in {**marked_workdirs(table), **marks.load()}.values():
+        if record.id not in recorded:
+            recorded[record.id] = record
+            log.warning("mount %s: not in the journal; recovered from its mark (%s)", record.id,
+                        record.spec.mountpoint)
     at = {e.mountpoint: e for e in table}  # the last (top-most) mount wins
+    in_table = {e.mnt_id for e in table}
     workdirs_in_use = {w for e in table if e.fstype == "overlay" for w in e.option_values("workdir")}
+    # M12: a mount of this boot that is in no table but still held by a process was
+    # detached by a lazy Unmount (perhaps just before a crash): it lives on, so does
+    # its workdir.
+    maybe_detached = {
+        r.mnt_id for r in recorded.values()
+        if r.boot_id == boot_id and r.mnt_id and r.mnt_id not in in_table
+    }
+    held = holders.holding(maybe_detached)
     live: dict[str, MountRecord] = {}
     stale: dict[str, MountRecord] = {}
     adopted, cleaned, kept = [], [], []
@@ -57,7 +75,13 @@ def reconcile(
             progress()
             last_progress = time.monotonic()
         entry = at.get(record.spec.mountpoint)
-        if record.boot_id == boot_id and entry is not None and is_ours(record, entry):
+        if record.boot_id == boot_id and record.mnt_id in held:
+            record = dataclasses.replace(record, detached=True)
+            live[record.id] = record
+            adopted.append(record.id)
+            log.info("mount %s: adopted as detached, still used by %s", record.id,
+                     ", ".join(map(str, held[record.mnt_id])))
+        elif record.boot_id == boot_id and entry is not None and not record.detached and is_ours(record, entry):
             record = dataclasses.replace(record, mnt_id=entry.mnt_id)
             live[record.id] = record
             adopted.append(record.id)
@@ -69,11 +93,13 @@ def reconcile(
                 "mount %s: gone, but its workdir %s is used by another overlay; kept",
                 record.id, record.spec.workdir,
             )
-        elif cleanup(store, record):
+        elif cleanup(store, record, marks):
             cleaned.append(record.id)
+            crash.point("reconcile.cleaned")
         else:
             stale[record.id] = record
             kept.append(record.id)
+    _remove_unrecorded_mountpoints(os.path.dirname(marks.directory), {*live, *stale})
     store.compact({**stale, **live})
     return Outcome(live, stale, ReconcileReport(tuple(adopted), tuple(cleaned), tuple(kept)))
 
@@ -85,20 +111,57 @@ def is_ours(record: MountRecord, entry: mountinfo.MountEntry) -> bool:
     spec = record.spec
     if spec.upperdir and not spec.readonly:
         return entry.fstype == "overlay" and entry.option_values("upperdir") == [spec.upperdir]
-    lowers = entry.option_values("lowerdir")
-    return entry.fstype == "overlay" and lowers[-len(spec.lowerdirs) :] == list(spec.lowerdirs)
+    if len(spec.lowerdirs) == 1 and not spec.upperdir:
+        # M4: a one-lower view is a bind clone, whose type is the lower's filesystem:
+        # it is ours if its root is the lower directory itself.
+        return _same_directory(spec.mountpoint, spec.lowerdirs[0])
+    lowers = entry.option_values("lowerdir")  # and lowerdir+
+    layers = [spec.upperdir, *spec.lowerdirs] if spec.upperdir else list(spec.lowerdirs)
+    return entry.fstype == "overlay" and lowers[-len(layers) :] == layers
 
 
-def cleanup(store: StateStore, record: MountRecord) -> bool:
-    """Remove what the daemon made for a mount that is gone; False if it must be retried."""
+def _same_directory(a: str, b: str) -> bool:
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def _remove_unrecorded_mountpoints(runtime_dir: str, known: set[str]) -> None:
+    """Daemon-made mountpoints are named by their mount's id (C4): one that no record
+    knows, empty and mounted on by nothing, is a leftover of a crash; rmdir only."""
+    base = os.path.join(runtime_dir, "mounts")
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(base, name)
+        if name in known or engine.is_mount_root(path):
+            continue
+        try:
+            os.rmdir(path)
+            log.info("removed the leftover daemon-made mountpoint %s", path)
+        except OSError as e:
+            log.warning("leftover daemon-made mountpoint %s not removed: %s", path, e)
+
+
+def cleanup(store: StateStore, record: MountRecord, marks: Marks | None = None) -> bool:
+    """Remove what the daemon made for a mount that is gone; False if it must be retried.
+
+    The marks go before the record, so a crash in between never brings back a record."""
     spec = record.spec
     try:
         if spec.workdir:
-            engine.clear_workdir(spec.workdir, remove_dir=record.workdir_created)
+            engine.clear_workdir(spec.workdir, remove_dir=record.workdir_created, marker=WORKDIR_MARKER)
+        crash.point("cleanup.workdir-cleared")
         if record.mountpoint_created and os.path.isdir(spec.mountpoint):
             if engine.is_mount_root(spec.mountpoint):
                 raise OSError(errno.EBUSY, f"{spec.mountpoint} is still a mount point")
             os.rmdir(spec.mountpoint)
+        if marks is not None:
+            marks.drop(record.id)
     except OSError as e:
         log.warning("mount %s: cleanup failed, will retry at next start: %s", record.id, e)
         return False

@@ -30,6 +30,9 @@ class MountRecord:
     name: str = ""  # a declared mount's name (its mounts.d file), "" for others
     persistent: bool = False  # declared: brought up at start, mounted again when found gone
     bound_to: str = ""  # what the mount lives as long as ("caller:NAME", "unit:NAME", "session:ID")
+    # Lazily unmounted while in use (M12): the overlay lives on, detached from every
+    # path, until its last user has gone; its workdir and upper stay claimed till then.
+    detached: bool = False
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -38,6 +41,49 @@ class MountRecord:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> MountRecord:
+        """A record read back from the journal, every field checked: a damaged line must
+        be refused here, not fail later in cleanup (or remove the wrong directory)."""
+        _check(data, _RECORD_FIELDS, "record")
         spec = dict(data["spec"])
+        _check(spec, _SPEC_FIELDS, "spec")
+        if not spec["lowerdirs"] or not all(isinstance(p, str) and _is_path(p) for p in spec["lowerdirs"]):
+            raise ValueError("spec.lowerdirs: not a list of absolute paths")
+        for name in ("upperdir", "workdir", "mountpoint"):
+            if spec[name] and not _is_path(spec[name]):
+                raise ValueError(f"spec.{name}: {spec[name]!r} is not an absolute path")
+        if not spec["mountpoint"] or not data["id"] or "/" in data["id"]:
+            raise ValueError("record without a mountpoint or a usable id")
         spec["lowerdirs"] = tuple(spec["lowerdirs"])
         return cls(**{**data, "spec": MountSpec(**spec)})
+
+
+_RECORD_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "id": str, "spec": dict, "owner": int, "created_us": int, "boot_id": str, "options": dict,
+    "description": str, "workdir_created": bool, "mountpoint_created": bool, "mnt_id": int, "detached": bool,
+    "name": str, "persistent": bool, "bound_to": str,
+}
+_SPEC_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "lowerdirs": list, "upperdir": str, "workdir": str, "mountpoint": str,
+    "readonly": bool, "volatile": bool, "dev": bool, "suid": bool,
+}
+_OPTIONAL = {"options", "description", "workdir_created", "mountpoint_created", "mnt_id", "detached",
+             "name", "persistent", "bound_to", "volatile", "dev", "suid"}
+
+
+def _check(data: Any, fields: dict[str, type | tuple[type, ...]], what: str) -> None:
+    if not isinstance(data, dict):
+        raise ValueError(f"{what}: not an object")
+    for key, value in data.items():
+        expected = fields.get(key)
+        if expected is None:
+            raise ValueError(f"{what}: unknown field {key!r}")
+        # bool is an int in Python; an int field must not take true/false, nor the reverse.
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise ValueError(f"{what}.{key}: {type(value).__name__} where {expected.__name__} belongs")
+    missing = set(fields) - set(data) - _OPTIONAL
+    if missing:
+        raise ValueError(f"{what}: missing {', '.join(sorted(missing))}")
+
+
+def _is_path(path: str) -> bool:
+    return path.startswith("/") and "\0" not in path and ".." not in path.split("/")

@@ -28,7 +28,7 @@ from uniond.constants import ACTION_MOUNT, ACTION_MOUNT_ANY, ACTION_UNMOUNT_OTHE
 from uniond.errors import Busy, Failed, InvalidArgument, NotSupported
 from uniond.kernel import holders, syscalls
 from uniond.kernel import overlay as engine
-from uniond.mounts import options
+from uniond.mounts import options, plan
 from uniond.mounts.plan import MAX_LOWERS
 from uniond.mounts.records import MountRecord
 
@@ -80,9 +80,11 @@ async def update(
     opts = options.check("Update", opts, options.UPDATE_OPTIONS)
     check_count(lowerdirs)
     record = manager.get(mount_id)
+    if record.detached:
+        raise InvalidArgument(f"mount {mount_id} was unmounted lazily and is kept only for the processes still in it")
     with contextlib.ExitStack() as held:
         lowers = open_lowers(manager, held, record, lowerdirs)
-        joined = ":".join(h.path.replace("\\", "\\\\").replace(":", "\\:") for h in lowers)
+        joined = ":".join(plan.escape(h.path) for h in lowers)
         own = caller.uid == record.owner
         if not own:
             await manager.authorize(caller, ACTION_UNMOUNT_OTHER, opts, record)

@@ -17,7 +17,7 @@ from typing import Any
 
 from dbus_next import BusType, Message, MessageType, Variant
 from dbus_next.aio import MessageBus
-from dbus_next.constants import NameFlag, RequestNameReply
+from dbus_next.constants import MessageFlag, NameFlag, RequestNameReply
 from dbus_next.errors import DBusError
 from dbus_next.service import ServiceInterface
 
@@ -50,10 +50,54 @@ def _ignore_replied_errors(loop: asyncio.AbstractEventLoop, context: dict[str, A
     loop.default_exception_handler(context)
 
 
+def _retrieve(future: asyncio.Future) -> None:
+    """A send that failed (the bus went away: BrokenPipeError) is no news to anyone:
+    asyncio would print it as "Future exception was never retrieved"."""
+    if not future.cancelled():
+        future.exception()
+
+
 class _Bus(MessageBus):
     """dbus-next declares org.freedesktop.DBus.ObjectManager on every path and answers
     GetManagedObjects itself, but sends InterfacesAdded/Removed from the object's own
-    path; the specification (and GDBus clients) expect them from the manager's."""
+    path; the specification (and GDBus clients) expect them from the manager's.
+
+    It also answers every call, whatever happens: dbus-next sends a DBusError raised by
+    its own handlers (a Get of an interface that does not exist) and then logs it as a
+    traceback, builds no reply when an error's text is not a string, and raises
+    CancelledError out of a method's done callback when the daemon stops. Here each
+    such call gets a D-Bus error and one debug line, and the method calls in flight are
+    kept (``in_flight``) so a stop can wait for them.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.in_flight: set[asyncio.Future] = set()
+
+    def send(self, msg: Message) -> asyncio.Future:
+        future = super().send(msg)
+        future.add_done_callback(_retrieve)
+        return future
+
+    def _make_method_handler(self, interface, method):
+        if not asyncio.iscoroutinefunction(method.fn):
+            return super()._make_method_handler(interface, method)
+
+        def handler(msg: Message, send_reply) -> None:
+            def done(fut: asyncio.Future) -> None:
+                self.in_flight.discard(fut)
+                with send_reply:
+                    body, unix_fds = ServiceInterface._fn_result_to_body(fut.result(), method.out_signature_tree)
+                    send_reply(Message.new_method_return(msg, method.out_signature, body, unix_fds))
+
+            fut = asyncio.ensure_future(method.fn(interface, *ServiceInterface._msg_body_to_args(msg)))
+            self.in_flight.add(fut)
+            fut.add_done_callback(done)
+
+        return handler
+
+    def _send_reply(self, msg: Message) -> _Reply:
+        return _Reply(self, msg)
 
     def _emit_interface_added(self, path, interface):
         if self._disconnected or not path.startswith(constants.MOUNT_PATH_PREFIX + "/"):
@@ -86,6 +130,47 @@ class _Bus(MessageBus):
         )
 
 
+class _Reply:
+    """What dbus-next's handlers answer through (its SendReply, made to always answer)."""
+
+    def __init__(self, bus: _Bus, msg: Message) -> None:
+        self.bus = bus
+        self.msg = msg
+
+    def __enter__(self) -> _Reply:
+        return self
+
+    def __call__(self, reply: Message) -> None:
+        if self.msg.flags & MessageFlag.NO_REPLY_EXPECTED or self.bus._disconnected:
+            return
+        try:
+            self.bus.send(reply)
+        except Exception as e:  # the connection is closing: nobody to answer
+            log.debug("no answer sent to %s: %s", self.msg.sender, e)
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None:
+            return False
+        if isinstance(exc, asyncio.CancelledError):
+            name, text = Failed.dbus_name, "uniond is stopping; call again when it is back"
+        elif isinstance(exc, DBusError):
+            name, text = exc.type, exc.text if isinstance(exc.text, str) else repr(exc.text)
+        elif isinstance(exc, Exception):
+            name, text = Failed.dbus_name, f"{self.msg.member} failed: {type(exc).__name__}: {exc}".splitlines()[0]
+        else:
+            return False  # SystemExit, KeyboardInterrupt
+        log.debug("%s.%s from %s answered %s: %s", self.msg.interface, self.msg.member, self.msg.sender, name, text)
+        try:
+            self(Message.new_error(self.msg, name, text))
+        except Exception as e:
+            log.debug("could not build the error answer: %s", e)
+            self(Message.new_error(self.msg, Failed.dbus_name, "the call could not be answered"))
+        return True
+
+    def send_error(self, exc: BaseException) -> None:
+        self.__exit__(type(exc), exc, exc.__traceback__)
+
+
 class BusService:
     """Connects to the bus, exports the objects and keeps them in step with the manager."""
 
@@ -96,7 +181,7 @@ class BusService:
         self.bus: MessageBus | None = None
         self.interface = ManagerInterface(self)
         self._callers: OrderedDict[str, Caller] = OrderedDict()  # unique names are never reused
-        self._objects: dict[str, MountInterface] = {}
+        self._objects: dict[str, MountInterface] = {}  # mount id -> its exported object
         self.on_reload: Callable[[], None] = lambda: None  # the daemon's reload
         manager.authority = Authority(self)
 
@@ -121,6 +206,20 @@ class BusService:
     async def wait_for_disconnect(self) -> None:
         assert self.bus is not None
         await self.bus.wait_for_disconnect()
+
+    async def drain(self, grace: float) -> None:
+        """Let the calls in flight finish for ``grace`` seconds, then cancel the rest: each
+        is answered with an error (if the bus is still there) and none is left behind."""
+        assert isinstance(self.bus, _Bus)
+        pending = set(self.bus.in_flight)
+        if pending and grace > 0:
+            _, pending = await asyncio.wait(pending, timeout=grace)
+        for future in pending:
+            future.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=2)
+            log.info("stopped %d call(s) still running after %.0f s", len(pending), grace)
+        await asyncio.sleep(0.05)  # the answers leave before the connection closes
 
     def disconnect(self) -> None:
         if self.bus is not None:
@@ -197,23 +296,25 @@ class BusService:
     def mount_added(self, record: MountRecord, announce: bool = True) -> None:
         assert self.bus is not None
         path = mount_path(record.id)
-        self._objects[path] = MountInterface(record)
-        self.bus.export(path, self._objects[path])
+        self._objects[record.id] = MountInterface(record)
+        self.bus.export(path, self._objects[record.id])
         if announce:
             self.interface.MountAdded(path, record.spec.mountpoint)
 
     def mount_removed(self, record: MountRecord) -> None:
         assert self.bus is not None
         path = mount_path(record.id)
+        self._objects.pop(record.id, None)
         self.bus.unexport(path)
-        self._objects.pop(path, None)
         self.interface.MountRemoved(path, record.spec.mountpoint)
 
-    def mount_changed(self, record: MountRecord, changed: tuple[str, ...]) -> None:
+    def mount_changed(self, record: MountRecord, changed: tuple[str, ...] = ()) -> None:
         """Same object, new record; PropertiesChanged carries the new values."""
-        interface = self._objects.get(mount_path(record.id))
+        interface = self._objects.get(record.id)
         if interface is None:
             return
+        before = interface.record
         interface.record = record
-        if changed:
-            interface.emit_properties_changed({name: getattr(interface, name) for name in changed})
+        names = [*changed, *(["Detached"] if before.detached != record.detached else [])]
+        if names:
+            interface.emit_properties_changed({name: getattr(interface, name) for name in names})

@@ -33,6 +33,8 @@ from uniond.service.notify import Notifier
 
 log = logging.getLogger("uniond")
 
+STOP_GRACE_SECONDS = 3.0  # a stop waits this long for calls in flight (TimeoutStopSec is 90 s)
+
 
 def _directory(variable: str, default: str) -> str:
     # systemd passes a colon-separated list when a unit names several directories.
@@ -121,6 +123,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         self._start_watchdog(loop)
         self._start_checker(loop)
+        detached_watch = asyncio.ensure_future(self.manager.watch_detached())
         self.notifier.ready(self.status_line())
         log.info("uniond %s ready on %s: %s", constants.VERSION, constants.BUS_NAME, self.status_line())
 
@@ -130,17 +133,20 @@ class Daemon:
         for timer in (self._watchdog, self._checker):
             if timer is not None:
                 timer.cancel()
+        detached_watch.cancel()
         if disconnected.done():
             # Retrieve the reason: asyncio would otherwise print it as a traceback.
             reason = disconnected.exception()
             why = f"{type(reason).__name__}: {reason}" if reason else "closed by the bus"
             log.error("lost the bus connection (%s); exiting so that systemd restarts uniond", why)
             stopped.cancel()
+            await service.drain(0)  # nobody to answer: the calls in flight just end
             code = 1
         else:
             self.notifier.stopping()
             log.info("stopping; %s stay in place for the programs using them", self.status_line())
             disconnected.cancel()
+            await service.drain(STOP_GRACE_SECONDS)
             service.disconnect()
             code = 0
         self.manager.store.close()
@@ -198,9 +204,6 @@ class Daemon:
 
     def mount_removed(self, record) -> None:
         self.notifier.status(self.status_line())
-
-    def mount_changed(self, record, changed) -> None:
-        pass  # the count is the same
 
 
 def _raise_fd_limit() -> None:

@@ -190,6 +190,12 @@ class MountInterface(ServiceInterface):
     def BoundTo(self) -> "s":
         return self.record.bound_to
 
+    @dbus_property(access=PropertyAccess.READ)
+    def Detached(self) -> "b":
+        """True after a lazy Unmount while processes still use the mount; the object
+        goes when the last of them has gone."""
+        return self.record.detached
+
 
 class ManagerInterface(ServiceInterface):
     """org.uniond1.Manager: the methods callers use."""

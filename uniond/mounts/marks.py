@@ -1,0 +1,97 @@
+"""The marks uniond leaves on what it makes, so that a mount is recovered without the
+journal (C4): the journal can be damaged or cut short by a full disk, the marks and the
+kernel's table cannot both be wrong in the same way.
+
+Two marks per mount, both written before the mount is made and holding its record:
+
+- a file ``<runtime>/marks/<id>.json``. The runtime directory is a tmpfs that lives
+  exactly as long as the mounts can (until the next boot), so it needs no fsync;
+- a file ``.uniond-mount`` in every workdir the daemon creates: the proof that the
+  directory is the daemon's to remove, and a second copy of the record, found through
+  the ``workdir=`` option the kernel shows for the live overlay.
+
+A daemon-made mountpoint is a mark of its own: ``<runtime>/mounts/<id>`` names its mount.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+
+from uniond.kernel import mountinfo
+from uniond.mounts.records import MountRecord
+
+log = logging.getLogger(__name__)
+
+WORKDIR_MARKER = ".uniond-mount"
+
+
+class Marks:
+    def __init__(self, runtime_dir: str) -> None:
+        self.directory = os.path.join(runtime_dir, "marks")
+
+    def _path(self, mount_id: str) -> str:
+        return os.path.join(self.directory, f"{mount_id}.json")
+
+    def put(self, record: MountRecord) -> None:
+        """Raises OSError: a mount that cannot be marked is not made."""
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        tmp = self._path(record.id) + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(record.to_json(), f)
+        os.replace(tmp, self._path(record.id))
+
+    def drop(self, mount_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path(mount_id))
+
+    def load(self) -> dict[str, MountRecord]:
+        found: dict[str, MountRecord] = {}
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return found
+        for name in names:
+            path = os.path.join(self.directory, name)
+            if name.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)  # a crash between writing and naming it: no mount yet
+                continue
+            record = _read(path)
+            if record is not None and name == f"{record.id}.json":
+                found[record.id] = record
+        return found
+
+
+def write_workdir_marker(workdir_fd: int, record: MountRecord) -> None:
+    fd = os.open(WORKDIR_MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                 dir_fd=workdir_fd)
+    with open(fd, "w", encoding="utf-8") as f:
+        json.dump(record.to_json(), f)
+
+
+def marked_workdirs(table: list[mountinfo.MountEntry]) -> dict[str, MountRecord]:
+    """The records in the markers of the workdirs of the live overlays."""
+    found: dict[str, MountRecord] = {}
+    for entry in table:
+        if entry.fstype != "overlay":
+            continue
+        for workdir in entry.option_values("workdir"):
+            record = _read(os.path.join(workdir, WORKDIR_MARKER))
+            if record is not None and record.spec.workdir == workdir:
+                found[record.id] = record
+    return found
+
+
+def _read(path: str) -> MountRecord | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with open(fd, encoding="utf-8") as f:
+            return MountRecord.from_json(json.load(f))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("mark %s unreadable, ignored: %s", path, e)
+        return None
