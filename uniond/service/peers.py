@@ -160,9 +160,14 @@ class BusPeers:
                 self._sessions[binding.name] = path
                 await self._match(self._changes(path, LOGIND[0]))
             alive = await self.alive(binding)
-        except (TimeoutError, PeerError, Failed) as e:
-            log.warning("cannot watch %s (%s); its mounts are released", binding, e)
-            alive = False
+        except PeerError as e:
+            if e.name not in _NO_SUCH:
+                log.warning("cannot watch %s (%s); its mounts stay until unmounted", binding, e)
+                return
+            alive = False  # the unit or session is gone already
+        except (TimeoutError, Failed) as e:
+            log.warning("cannot watch %s (%s); its mounts stay until unmounted", binding, e)
+            return
         except Exception:
             log.exception("watching %s failed", binding)
             return
