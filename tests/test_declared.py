@@ -203,3 +203,27 @@ def test_check_without_any_file_is_ok(daemon):
     daemon.config_path.write_text('log_level = "loud"\n')
     out = check(daemon)
     assert out.returncode == 1 and "log_level" in out.stderr
+
+
+def test_busy_declared_mount_moved_comes_up_when_its_old_place_is_free(daemon, client, layers):
+    t = layers
+    d = daemon.mounts_dir
+    (t / "m2").mkdir()
+    declare(d, "app", toml([t / "image2", t / "image1"], t / "upper", t / "merge"))
+    client.call("Reload")
+    inside = subprocess.Popen(["sleep", "60"], cwd=t / "merge")
+    try:
+        # Moved to another mountpoint while a process sits in it: the old mount is
+        # detached (the process keeps it), the new one waits for the upper to be free (M7).
+        declare(d, "app", toml([t / "image2", t / "image1"], t / "upper", t / "m2"))
+        client.call("Reload")
+        assert not is_mounted(t / "merge") and not is_mounted(t / "m2")
+        assert client.props(path_of("app"))["Detached"] is True
+        assert sorted(os.listdir(f"/proc/{inside.pid}/cwd")) == ["a", "b", "c"]
+    finally:
+        inside.kill()
+        inside.wait()
+    wait_until(lambda: is_mounted(t / "m2"), 15)
+    assert client.list() == [path_of("app")]
+    props = client.props(path_of("app"))
+    assert (props["Mountpoint"], props["Detached"]) == (str(t / "m2"), False)

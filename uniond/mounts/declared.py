@@ -119,12 +119,21 @@ class DeclaredMounts:
                     self.declarations[name] = fresh[name]
                     self._mount(fresh[name])
 
-    # MountListener: an administrator's Unmount of a declared mount holds it down.
+    # MountListener: an administrator's Unmount of a declared mount holds it down. A
+    # lazy one of a busy mount detaches it first (told as a change); the detached
+    # record's removal later is only its last user leaving.
     def mount_removed(self, record: MountRecord) -> None:
-        if record.persistent and not self._busy:
-            declaration = self.declarations.get(record.name)
-            self._held[record.name] = declaration.digest if declaration else ""
-            log.info("declared mount %r held down until its file changes or uniond is reloaded", record.name)
+        if record.persistent and not record.detached and not self._busy:
+            self._hold(record)
+
+    def mount_changed(self, record: MountRecord, changed: tuple[str, ...] = ()) -> None:
+        if record.persistent and record.detached and not self._busy:
+            self._hold(record)
+
+    def _hold(self, record: MountRecord) -> None:
+        declaration = self.declarations.get(record.name)
+        self._held[record.name] = declaration.digest if declaration else ""
+        log.info("declared mount %r held down until its file changes or uniond is reloaded", record.name)
 
     # ---- doing ---------------------------------------------------------------
 
