@@ -225,3 +225,18 @@ def test_update_with_a_file_open_for_writing_is_busy(client, layers):
     (t / "merge/still-writable").write_text("x")
     update(client, path, [t / "image2"])
     assert sorted(os.listdir(t / "merge")) == ["c", "still-writable", "w"]
+
+
+def test_updated_mount_is_adopted_with_its_new_lowers_after_a_crash(daemon, client, layers, tmp_path):
+    t = layers
+    v2 = layer(tmp_path, "v2", "new")
+    path = client.mount([t / "image2", t / "image1"], t / "upper", t / "merge")
+    update(client, path, [v2, t / "image1"])
+    props = client.props(path)
+    daemon.kill()
+    daemon.start()
+    assert client.list() == [path]
+    assert client.props(path) == props
+    assert "1 adopted" in daemon.log()
+    update(client, path, [t / "image2", t / "image1"])  # its mount id was recorded too
+    assert sorted(os.listdir(t / "merge")) == ["a", "b", "c"]

@@ -371,8 +371,12 @@ class MountManager:
         """Replace a live mount's lowers without a gap (the update module says how)."""
         return await updating.update(self, mount_id, lowerdirs, caller, opts)
 
-    def notify_changed(self, record: MountRecord, changed: tuple[str, ...]) -> None:
-        """``changed`` names the properties of the mount object that changed."""
+    def replaced(self, record: MountRecord, changed: tuple[str, ...]) -> None:
+        """A mount changed in place (Update): record and mark it, tell the listeners
+        which properties of its object changed."""
+        self.store.update(record)
+        self._remark(record)
+        self.records[record.id] = record
         self._notify("mount_changed", record, changed)
 
     def _notify(self, event: str, record: MountRecord, *args: Any) -> None:

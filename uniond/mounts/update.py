@@ -138,15 +138,13 @@ def swap(manager: MountManager, old: MountRecord, new: MountRecord, lower_fds: t
             _thaw(old)
         raise
     record = dataclasses.replace(new, mnt_id=mnt_id)
-    manager.store.update(record)
-    manager.records[record.id] = record
     log.info(
         "mount %s: lower layers replaced at %s without a gap (%d lowers, kernel mount %d)",
         record.id, spec.mountpoint, len(record.spec.lowerdirs), mnt_id,
     )
     changed = [name for name, a, b in (("LowerDirs", old.spec.lowerdirs, new.spec.lowerdirs),
                                        ("Options", old.options, new.options)) if a != b]
-    manager.notify_changed(record, tuple(changed))
+    manager.replaced(record, tuple(changed))
     return record
 
 
