@@ -14,6 +14,7 @@ checked is written in tests/faults.py.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 import time
@@ -32,7 +33,11 @@ def main() -> int:
     figures = campaign(base, kills=kills, seed=seed)
     print(f"seed {seed}, {time.monotonic() - started:.0f} s")
     print(figures.summary())
-    return 1 if figures.violations else 0
+    if figures.violations:
+        print(f"kept for inspection: {base} (uniond.log)")
+        return 1
+    shutil.rmtree(base)
+    return 0
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ and more) is bench/faults.py."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -19,6 +20,8 @@ def test_no_file_lost_no_mount_orphaned_whatever_happens_to_the_daemon():
     base = Path(tempfile.mkdtemp(prefix="uniond-faults-"))
     figures = campaign(base, kills=kills, seed=int(os.environ.get("UNIOND_FAULT_SEED", "10")))
     print(figures.summary())
+    if not figures.violations:
+        shutil.rmtree(base)  # kept for inspection otherwise
     assert figures.kills >= kills
     assert figures.files_written > 0 and figures.mounts > 0
     assert not figures.violations, figures.summary()
