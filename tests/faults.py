@@ -287,8 +287,14 @@ class World:
         self.daemon.start(wait_ready=wait_ready)
 
     def random_kill(self, max_delay: float = 0.3) -> None:
-        """SIGKILL at a random moment while a client works."""
+        """SIGKILL at a random moment while a client works (one time in ten, while the
+        daemon starts and reconciles)."""
         delay = self.rng.uniform(0, max_delay)
+        if self.rng.random() < 0.1:
+            self.daemon.kill()
+            self.daemon.start(wait_ready=False)
+            delay = self.rng.uniform(0, 0.15)  # a Python start and reconciliation take about that
+            self.figures.faults["random kill during start"] += 1
         pid = self.daemon.pid
         killer = threading.Timer(delay, lambda: os.kill(pid, signal.SIGKILL))
         killer.start()
@@ -532,6 +538,8 @@ def campaign(base: Path, kills: int, seed: int = 0, rounds_between_cleanups: int
                 world.unmount_everything()
             if i % 50 == 10:
                 world.damage_journal(JOURNAL_DAMAGE[(i // 50) % len(JOURNAL_DAMAGE)])
+            if i % 250 == 125:
+                world.disk_full(kills=2)
         for how in JOURNAL_DAMAGE:
             for _ in range(3):
                 world.mount()
