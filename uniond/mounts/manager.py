@@ -205,7 +205,11 @@ class MountManager:
                 made.append(workdir_fd)
                 crash.point("mount.workdir-made")
                 write_workdir_marker(workdir_fd, record)
-            self.marks.put(record)
+            try:
+                self.marks.put(record)
+            except OSError as e:
+                raise NotRecorded(f"uniond could not mark the mount in {self.marks.directory} ({e.strerror}), "
+                                  "so it made none") from None
             crash.point("mount.marked")
             if record.mountpoint_created:
                 os.makedirs(os.path.dirname(spec.mountpoint), mode=0o755, exist_ok=True)
