@@ -26,6 +26,7 @@ from uniond.service import privatebus
 ROOT = Path(__file__).resolve().parent.parent
 POLICY = ROOT / "dbus" / privatebus.POLICY_NAME
 POLKIT_MOCK_POLICY = ROOT / "tests" / "polkit-mock.conf"
+LOGIND_MOCK_POLICY = ROOT / "tests" / "logind-mock.conf"
 
 
 class Bus:
@@ -33,7 +34,7 @@ class Bus:
     a rule that lets the polkit mock (run as root) own polkit's name."""
 
     def __init__(self, directory: Path) -> None:
-        self.process, self.address = privatebus.start(str(directory), POLICY, [POLKIT_MOCK_POLICY])
+        self.process, self.address = privatebus.start(str(directory), POLICY, [POLKIT_MOCK_POLICY, LOGIND_MOCK_POLICY])
 
     def stop(self) -> None:
         self.process.terminate()
@@ -80,11 +81,17 @@ class Daemon:
     notify: NotifySocket
     log_path: Path
     extra_env: dict[str, str] = field(default_factory=dict)
+    extra_args: list[str] = field(default_factory=list)
     process: subprocess.Popen | None = None
 
     @property
     def config_path(self) -> Path:
         return self.state_dir.parent / "uniond.conf"
+
+    @property
+    def mounts_dir(self) -> Path:
+        """The test's /etc/uniond/mounts.d."""
+        return self.state_dir.parent / "mounts.d"
 
     def start(self, wait_ready: bool = True) -> None:
         if not self.config_path.exists():
@@ -101,7 +108,8 @@ class Daemon:
         self._ready_index = len(self.notify.drain())
         log = open(self.log_path, "a")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uniond", "--bus", "system", "--config", str(self.config_path)],
+            [sys.executable, "-m", "uniond", "--bus", "system", "--config", str(self.config_path),
+             "--mounts-dir", str(self.mounts_dir), *self.extra_args],
             env=env,
             stderr=log,
             stdout=log,
@@ -263,6 +271,62 @@ class PolkitMock:
             out.append({"subject": (kind, {k: v.value for k, v in subject_details.items()}),
                         "action": action, "details": details, "flags": flags})
         return out
+
+    def stop(self) -> None:
+        self.client.close()
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+class LogindMock:
+    """python-dbusmock's logind template on our bus, run by Debian's python3 (the
+    template needs PyGObject, which the venv does not build). Its sessions are real
+    objects on the bus; a test ends one the way logind does: State "closing" (a
+    PropertiesChanged signal) or SessionRemoved with the object gone."""
+
+    BUS_NAME = "org.freedesktop.login1"
+    PATH = "/org/freedesktop/login1"
+    MANAGER = "org.freedesktop.login1.Manager"
+    MOCK_INTERFACE = "org.freedesktop.DBus.Mock"
+
+    def __init__(self, address: str) -> None:
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        env["DBUS_SYSTEM_BUS_ADDRESS"] = address
+        self.process = subprocess.Popen(
+            ["/usr/bin/python3", "-m", "dbusmock", "--system", "--template", "logind"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        self.client = Client(address)
+        deadline = time.monotonic() + 15
+        while not self.client.call_raw("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+                                       "NameHasOwner", "s", [self.BUS_NAME])[0]:
+            assert self.process.poll() is None, "the logind mock exited"
+            assert time.monotonic() < deadline, "the logind mock did not appear on the bus"
+            time.sleep(0.05)
+
+    def _mock(self, member: str, signature: str = "", *body, path: str | None = None):
+        return self.client.call_raw(self.BUS_NAME, path or self.PATH, self.MOCK_INTERFACE, member, signature,
+                                    list(body))
+
+    def add_session(self, session: str, uid: int = 0) -> str:
+        return self._mock("AddSession", "ssusb", session, "seat0", uid, f"user{uid}", True)[0]
+
+    def every_pid_in(self, session: str | None) -> None:
+        """GetSessionByPID (not in the template): every caller is in ``session``, or in none."""
+        code = (f"ret = dbus.ObjectPath('{self.PATH}/session/{session}')" if session else
+                "raise dbus.exceptions.DBusException('no session', name='org.freedesktop.login1.NoSessionForPID')")
+        self._mock("AddMethod", "sssss", self.MANAGER, "GetSessionByPID", "u", "o", code)
+
+    def close_session(self, session: str) -> None:
+        """Logout with processes left behind: the session lingers in State "closing"."""
+        self._mock("UpdateProperties", "sa{sv}", "org.freedesktop.login1.Session",
+                   {"State": Variant("s", "closing")}, path=f"{self.PATH}/session/{session}")
+
+    def remove_session(self, session: str) -> None:
+        path = f"{self.PATH}/session/{session}"
+        self._mock("RemoveObject", "s", path)
+        self._mock("EmitSignal", "sssav", self.MANAGER, "SessionRemoved", "so",
+                   [Variant("s", session), Variant("o", path)])
 
     def stop(self) -> None:
         self.client.close()

@@ -108,3 +108,33 @@ def test_detached_mount_survives_a_restart_and_is_cleaned_after(client, layers, 
     assert not os.path.exists(props["WorkDir"])
     assert not os.path.exists(props["Mountpoint"]), "the daemon-made mountpoint is removed"
     assert "Traceback" not in daemon.log()
+
+
+def test_a_crash_right_after_the_lazy_detach_still_spares_its_users(client, layers, daemon):
+    """Killed between umount2(MNT_DETACH) and the record saying "detached": the next
+    start finds the mount in no table but held by a process, and adopts it as detached."""
+    t = layers
+    daemon.stop()
+    daemon.extra_env = {"UNIOND_TEST_CRASH_AT": "unmount.unmounted"}
+    daemon.start()
+    path = client.mount([t / "image1"], t / "upper", t / "merge")
+    workdir = client.props(path)["WorkDir"]
+    shell = _shell_inside(t / "merge")
+    try:
+        with pytest.raises(CallError):
+            client.unmount(path, lazy=True)  # the daemon dies on the way
+        daemon.process.wait(timeout=10)
+        daemon.extra_env = {}
+        daemon.start()
+        assert not is_mounted(t / "merge")
+        assert client.list() == [path] and client.props(path)["Detached"] is True
+        shell.stdin.write("go\n")
+        shell.stdin.flush()
+        assert shell.stdout.readline().strip() == "ok"
+        assert os.path.isdir(workdir)
+    finally:
+        shell.stdin.close()
+        shell.wait(timeout=10)
+    _wait_gone(client, path)
+    assert not os.path.exists(workdir)
+    assert (t / "upper/f").read_text() == "appended\n"

@@ -161,3 +161,38 @@ def test_daemon_on_a_full_state_directory(daemon, client, layers):
     log = daemon.log()
     assert "Traceback" not in log
     assert "not recorded in the journal" in log
+
+
+def test_after_a_power_cut_records_of_the_old_boot_are_cleaned_never_adopted(daemon, client, layers):
+    """A simulated reboot: the boot id is new, the journal's last line (written, not
+    synced) is torn. Nothing of the old boot is adopted: not a mount someone else made
+    at a recorded mountpoint, not even a mount whose kernel id matches its record (ids
+    start again after a boot); the synced intents still name every workdir to clean."""
+    t = layers
+    (t / "upper2").mkdir()
+    gone = client.mount([t / "image2", t / "image1"], t / "upper", t / "merge")
+    survivor = client.mount([t / "image1"], t / "upper2", volatile=True)
+    workdirs = {p: client.props(p)["WorkDir"] for p in (gone, survivor)}
+    survivor_mp = client.props(survivor)["Mountpoint"]
+    (t / "merge/written").write_text("synced by its writer")
+    os.sync()
+    daemon.kill()
+    subprocess.run(["umount", str(t / "merge")], check=True)
+    journal = daemon.state_dir / "mounts.journal"
+    data = journal.read_bytes()
+    journal.write_bytes(data[: len(data) - 40])  # the last completion line, torn
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(t / "merge")], check=True)  # someone else's, at boot
+    daemon.extra_env = {"UNIOND_TEST_BOOT_ID": "00000000-0000-4000-8000-000000000001"}
+    daemon.start()
+    assert client.list() == [], "nothing of the old boot is adopted"
+    assert is_mounted(t / "merge") and is_mounted(survivor_mp), "nor unmounted"
+    assert not os.path.exists(workdirs[gone])
+    assert os.path.exists(workdirs[survivor]), "a workdir still in use is kept for a later start"
+    subprocess.run(["umount", str(t / "merge")], check=True)
+    subprocess.run(["umount", survivor_mp], check=True)
+    daemon.stop()
+    daemon.start()
+    assert not os.path.exists(workdirs[survivor]) and not os.path.exists(survivor_mp)
+    assert (t / "upper/written").read_text() == "synced by its writer"
+    log = daemon.log()
+    assert "was volatile" in log and "Traceback" not in log

@@ -45,6 +45,7 @@ def test_files_land_in_debian_places(files):
         "/usr/share/polkit-1/actions/org.uniond1.policy",
         "/usr/lib/tmpfiles.d/uniond.conf",
         "/etc/uniond/uniond.conf",
+        "/etc/uniond/mounts.d/",  # declared mounts, one NAME.toml each
         "/usr/share/man/man8/uniond.8.gz",
         "/usr/bin/unionctl",
         "/usr/lib/python3/dist-packages/uniond/client/cli.py",

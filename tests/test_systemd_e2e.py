@@ -194,6 +194,36 @@ def test_packaged_unionctl_sees_the_unit_and_names_a_mount_by_a_path_in_it(scena
     assert diff["changes"] == [{"kind": "D", "path": "/a"}, {"kind": "A", "path": "/d"}]
 
 
+def test_declared_mount_follows_its_file_on_reload(scenario):
+    assert scenario.text("check.rc") == "0", scenario.text("check.out")
+    assert "1 declared mount good" in scenario.text("check.out")
+    assert scenario.text("reload-declared.rc") == "0"
+    assert scenario.text("declared-content") == "d"
+    assert scenario.text("declared-name") == "e2e"
+    assert scenario.text("declared-after-removal.rc") == "1", "still mounted after its file was removed"
+    d = mount_id(scenario.text("mount-d"))
+    lines = [e["MESSAGE"] for e in scenario.uniond_lines("declared")]
+    assert any(m.startswith(f"mount {d}: declared mount 'e2e' is up") for m in lines), lines
+    assert any(m.startswith(f"mount {d}: unmounted /srv/e2e/dm") and "e2e.toml was removed" in m for m in lines), lines
+
+
+def test_mount_bound_to_a_unit_goes_when_the_unit_stops(scenario):
+    assert scenario.text("bound-start.rc") == "0"
+    assert scenario.text("bound-while-running") == "u"
+    assert scenario.text("bound-to-u") == "unit:e2e-bound.service"
+    assert scenario.text("bound-to-v") == "unit:e2e-named.service"
+    assert scenario.text("bound-u-gone.rc") == "0", "still mounted 10 s after its unit stopped"
+    assert scenario.text("bound-v-while-named-runs.rc") == "0", "the mount bound by name went too early"
+    assert scenario.text("bound-v-gone.rc") == "0"
+    u, v = mount_id(scenario.text("mount-u")), mount_id(scenario.text("mount-v"))
+    lines = [e["MESSAGE"] for e in scenario.uniond_lines("bound-unit")]
+    assert any(m.startswith(f"mount {u}: unmounted /srv/e2e/um (bound to unit:e2e-bound.service: its unit")
+               for m in lines), lines
+    assert any(m.startswith(f"mount {v}: unmounted /srv/e2e/vm") for m in lines), lines
+    assert sorted(scenario.json("list-after-bound.json")["data"][0]) == sorted(
+        [scenario.text("mount-a"), scenario.text("mount-b")])
+
+
 def test_kill_restarts_adopts_live_mounts_and_cleans_gone_ones(scenario):
     assert scenario.text("kill-restarted.rc") == "0", scenario.show("after-kill")
     old, new = scenario.text("kill-pids").split()
@@ -277,7 +307,7 @@ def test_journal_keeps_priorities_and_mount_ids(scenario):
     behind = [e for e in lines if "already unmounted behind" in e["MESSAGE"]]
     assert behind and behind[0]["PRIORITY"] == "4" and behind[0]["MESSAGE"].startswith(f"mount {c}:")
     # Every line that names one of the scenario's mountpoints or mount objects names the mount id.
-    ids = [mount_id(scenario.text(n)) for n in ("mount-a", "mount-b", "mount-c")]
+    ids = [mount_id(scenario.text(n)) for n in ("mount-a", "mount-b", "mount-c", "mount-d", "mount-u", "mount-v")]
     for e in lines:
         message = e["MESSAGE"]
         if "/srv/e2e/" in message or "/org/uniond1/mount/" in message:

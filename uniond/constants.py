@@ -26,6 +26,7 @@ ERROR_FAILED = f"{ERROR_PREFIX}.Failed"
 ERROR_NOT_AUTHORIZED = f"{ERROR_PREFIX}.NotAuthorized"
 ERROR_NOT_AUTHORIZED_CAN_OBTAIN = f"{ERROR_PREFIX}.NotAuthorizedCanObtain"
 ERROR_NOT_AUTHORIZED_DISMISSED = f"{ERROR_PREFIX}.NotAuthorizedDismissed"
+ERROR_NOT_SUPPORTED = f"{ERROR_PREFIX}.NotSupported"
 
 # polkit actions (dbus/org.uniond1.policy declares them and their defaults).
 ACTION_MOUNT = "org.uniond1.mount"  # directories the caller can reach itself
@@ -35,6 +36,7 @@ ACTION_UNMOUNT_OTHER = "org.uniond1.unmount-other"
 ACTION_EXPORT = "org.uniond1.export"
 ACTION_COMMIT = "org.uniond1.commit"
 ACTION_IMPORT = "org.uniond1.import"
+ACTION_RELOAD = "org.uniond1.reload"  # Reload(): re-read the configuration and mounts.d
 
 # The option every method accepts (udisks2's name): never ask the user to authenticate.
 OPTION_NO_USER_INTERACTION = "auth.no_user_interaction"
@@ -48,4 +50,6 @@ SYSTEMD_UNIT = "uniond.service"
 DEFAULT_STATE_DIRECTORY = "/var/lib/uniond"
 DEFAULT_RUNTIME_DIRECTORY = "/run/uniond"
 DEFAULT_CONFIG_PATH = "/etc/uniond/uniond.conf"
+DEFAULT_MOUNTS_DIRECTORY = "/etc/uniond/mounts.d"  # declared mounts; also $RUNTIME_DIRECTORY/mounts.d
+MOUNTS_D = "mounts.d"
 SYSTEM_BUS_SOCKET = "/run/dbus/system_bus_socket"

@@ -39,6 +39,12 @@ class Failed(UniondError):
     dbus_name = constants.ERROR_FAILED
 
 
+class NotSupported(UniondError):
+    """The running kernel lacks what the call needs (e.g. MOVE_MOUNT_BENEATH for Update)."""
+
+    dbus_name = constants.ERROR_NOT_SUPPORTED
+
+
 class NotRecorded(Failed):
     """The journal could not take a line (a full disk, an I/O error), and nothing of it
     remains: the operation that needed it was not done (a Failed on the bus)."""

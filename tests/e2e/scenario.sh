@@ -24,6 +24,11 @@ wait_for() {  # wait_for SECONDS COMMAND...: poll until COMMAND succeeds
 is_active() { [ "$(systemctl show -P ActiveState uniond.service)" = active ]; }
 restarted() { [ "$(systemctl show -P NRestarts uniond.service)" -gt "$1" ] && is_active; }
 now() { date +%s.%N; }
+mount_at() {  # the mount object whose Mountpoint is $1
+  for p in $(busctl call org.uniond1 /org/uniond1 org.uniond1.Manager ListMounts | cut -d' ' -f3- | tr -d '"'); do
+    [ "$(prop "$p" Mountpoint)" = "$1" ] && echo "$p"
+  done
+}
 
 date +%s.%N > "$OUT/t-begin"
 # PID 1 logs each sd_notify message it gets at debug level: the journal then shows
@@ -104,12 +109,50 @@ printf 'log_level = "info"\n' > /etc/uniond/uniond.conf
 systemctl reload uniond.service; echo $? > "$OUT/reload-info.rc"
 show > "$OUT/after-reload-info"
 
+step declared
+# A declared mount: a file in /etc/uniond/mounts.d, applied by `systemctl reload`.
+mkdir -p $S/dl $S/dm
+echo d > $S/dl/d
+printf 'lowerdirs = ["%s"]\nmountpoint = "%s"\n' $S/dl $S/dm > /etc/uniond/mounts.d/e2e.toml
+uniond --check > "$OUT/check.out" 2>&1; echo $? > "$OUT/check.rc"
+systemctl reload uniond.service; echo $? > "$OUT/reload-declared.rc"
+cat $S/dm/d > "$OUT/declared-content"
+mount_at $S/dm > "$OUT/mount-d"
+prop "$(cat "$OUT/mount-d")" Name > "$OUT/declared-name"
+rm /etc/uniond/mounts.d/e2e.toml
+systemctl reload uniond.service
+findmnt -n $S/dm > /dev/null; echo $? > "$OUT/declared-after-removal.rc"
+
 step gone-behind-back
 mkdir -p $S/cl $S/cu $S/cm
 C=$(call Mount 'asssa{sv}' 1 $S/cl $S/cu $S/cm 0 | python3 -c 'import json,sys; print(json.load(sys.stdin)["data"][0])')
 echo "$C" > "$OUT/mount-c"
 umount $S/cm
 call Unmount 'oa{sv}' "$C" 0 > "$OUT/unmount-c.json" 2> "$OUT/unmount-c.err"; echo $? > "$OUT/unmount-c.rc"
+
+step bound-unit
+# A service asks for its mount from ExecStartPre= with bind=unit: the mount goes when
+# the service stops. A second mount is bound by name (unit:NAME) to another service.
+mkdir -p $S/ul $S/um $S/vm
+echo u > $S/ul/u
+printf '[Service]\nExecStartPre=/usr/bin/busctl call org.uniond1 /org/uniond1 org.uniond1.Manager Mount asssa{sv} 1 %s "" %s 1 bind s unit\nExecStart=/bin/sleep infinity\n' \
+  $S/ul $S/um > /etc/systemd/system/e2e-bound.service
+systemctl daemon-reload
+systemctl start e2e-bound.service; echo $? > "$OUT/bound-start.rc"
+systemd-run --unit=e2e-named sleep 600
+call Mount 'asssa{sv}' 1 $S/ul "" $S/vm 1 bind s unit:e2e-named.service > "$OUT/mount-v.json"
+objpath "$OUT/mount-v.json" > "$OUT/mount-v"
+mount_at $S/um > "$OUT/mount-u"
+cat $S/um/u > "$OUT/bound-while-running"
+prop "$(cat "$OUT/mount-u")" BoundTo > "$OUT/bound-to-u"
+prop "$(cat "$OUT/mount-v")" BoundTo > "$OUT/bound-to-v"
+unmounted() { ! findmnt -n "$1" > /dev/null; }
+systemctl stop e2e-bound.service
+wait_for 10 unmounted $S/um; echo $? > "$OUT/bound-u-gone.rc"
+findmnt -n $S/vm > /dev/null; echo $? > "$OUT/bound-v-while-named-runs.rc"
+systemctl stop e2e-named.service
+wait_for 10 unmounted $S/vm; echo $? > "$OUT/bound-v-gone.rc"
+call ListMounts > "$OUT/list-after-bound.json"
 
 step kill
 # B is unmounted behind uniond's back, then uniond is killed: the restarted daemon

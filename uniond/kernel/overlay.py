@@ -54,6 +54,38 @@ def mount(spec: MountSpec, fds: LayerFds | None = None) -> int:
     if fds is None:
         with _opened(spec) as opened:
             return mount(spec, opened)
+    mount_fd = _build(spec, fds)
+    try:
+        return _attach(mount_fd, fds.mountpoint)
+    finally:
+        os.close(mount_fd)
+
+
+def replace(spec: MountSpec, fds: LayerFds, old_mnt_id: int) -> int:
+    """Put a new overlay for ``spec`` in place of the mount ``old_mnt_id`` with no gap.
+
+    The new mount goes beneath the old one on the same mountpoint (M10), then the old
+    one is detached (lazily: processes inside keep their view until they leave), so a
+    process looking at the mountpoint sees the old tree or the new one, never the
+    empty directory below. ``fds.mountpoint`` must be open on the old mount's root.
+    Returns the new mount's id; if the kernel refuses the new overlay, the old mount
+    is left exactly as it was.
+    """
+    on_top = syscalls.mount_identity("", fds.mountpoint)
+    if on_top != (old_mnt_id, True):
+        raise OSError(errno.ESTALE, f"mount {old_mnt_id} is no longer on top of {spec.mountpoint}")
+    mount_fd = _build(spec, fds)
+    try:
+        new_mnt_id = syscalls.mount_identity("", mount_fd)[0]
+        syscalls.move_mount_beneath(mount_fd, fds.mountpoint)
+    finally:
+        os.close(mount_fd)
+    unmount(spec.mountpoint, lazy=True, mnt_id=old_mnt_id)
+    return new_mnt_id
+
+
+def _build(spec: MountSpec, fds: LayerFds) -> int:
+    """A detached mount of ``spec`` (an fd that the caller attaches and closes)."""
     attrs = 0 if spec.dev else syscalls.MOUNT_ATTR_NODEV
     attrs |= 0 if spec.suid else syscalls.MOUNT_ATTR_NOSUID
     if spec.readonly:
@@ -70,9 +102,10 @@ def mount(spec: MountSpec, fds: LayerFds | None = None) -> int:
         mount_fd = syscalls.open_tree_clone_fd(layers[0])
         try:
             syscalls.mount_setattr(mount_fd, attrs)
-            return _attach(mount_fd, fds.mountpoint)
-        finally:
+        except BaseException:
             os.close(mount_fd)
+            raise
+        return mount_fd
 
     fs_fd = syscalls.fsopen("overlay")
     try:
@@ -87,11 +120,7 @@ def mount(spec: MountSpec, fds: LayerFds | None = None) -> int:
             if spec.volatile:
                 syscalls.fsconfig_flag(fs_fd, "volatile")
         syscalls.fsconfig_create(fs_fd)
-        mount_fd = syscalls.fsmount(fs_fd, attrs)
-        try:
-            return _attach(mount_fd, fds.mountpoint)
-        finally:
-            os.close(mount_fd)
+        return syscalls.fsmount(fs_fd, attrs)
     finally:
         os.close(fs_fd)
 

@@ -39,6 +39,7 @@ MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 MOVE_MOUNT_T_EMPTY_PATH = 0x40
+MOVE_MOUNT_BENEATH = 0x200  # kernel >= 6.5 (M10)
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_NO_SYMLINKS = 0x04
 OPEN_TREE_CLONE = 0x1
@@ -180,6 +181,22 @@ def move_mount_to_fd(mount_fd: int, target_fd: int) -> None:
         _syscall(SYS_MOVE_MOUNT, mount_fd, b"", target_fd, b"", MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH),
         "move_mount",
     )
+
+
+def move_mount_beneath(mount_fd: int, target_fd: int) -> None:
+    """Attach a detached mount beneath the mount on top of ``target_fd`` (M10).
+
+    ``target_fd`` must be open on the root of that top mount; once the top is detached,
+    the new mount shows at the same place with no empty moment in between.
+    """
+    flags = MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH | MOVE_MOUNT_BENEATH
+    _check(_syscall(SYS_MOVE_MOUNT, mount_fd, b"", target_fd, b"", flags), "move_mount beneath")
+
+
+def kernel_version() -> tuple[int, int]:
+    """(major, minor) of the running kernel, e.g. (6, 18) for 6.18.0-1-amd64."""
+    numbers = os.uname().release.split("-")[0].split(".")
+    return int(numbers[0]), int(numbers[1]) if len(numbers) > 1 and numbers[1].isdigit() else 0
 
 
 def umount(target: str, lazy: bool = False) -> None:

@@ -34,14 +34,16 @@ from uniond.kernel import holders, syscalls
 from uniond.kernel import overlay as engine
 from uniond.kernel.mounttable import OverlayUppers
 from uniond.mounts import crash, options, plan, reconcile
+from uniond.mounts import update as updating
 from uniond.mounts.claims import Claims
 from uniond.mounts.groupsync import GroupSync
 from uniond.mounts.holdings import Holdings
 from uniond.mounts.journal import StateStore, boot_id
+from uniond.mounts.lifetimes import Lifetimes
 from uniond.mounts.marks import Marks, write_workdir_marker
 from uniond.mounts.plan import MAX_LOWERS, MountRequest
 from uniond.mounts.reconcile import ReconcileReport
-from uniond.mounts.records import MountRecord, MountSpec
+from uniond.mounts.records import MountRecord
 
 __all__ = ["MountManager", "MountRequest", "MountListener", "ReconcileReport"]
 
@@ -55,25 +57,9 @@ class MountListener(Protocol):
 
     def mount_removed(self, record: MountRecord) -> None: ...
 
-    def mount_changed(self, record: MountRecord) -> None: ...
-
-
-def _escape(path: str) -> str:
-    return path.replace("\\", "\\\\").replace(":", "\\:")
-
-
-def _details(spec: MountSpec, mount_id: str = "", owner: int | None = None) -> dict[str, str]:
-    """What polkit rules can match on; lowerdirs joined with ':' as overlayfs' option (M2)."""
-    details = {
-        "mountpoint": spec.mountpoint,
-        "lowerdirs": ":".join(_escape(p) for p in spec.lowerdirs),
-        "upperdir": spec.upperdir,
-    }
-    if mount_id:
-        details["mount"] = mount_id
-    if owner is not None:
-        details["owner"] = str(owner)
-    return details
+    def mount_changed(self, record: MountRecord, changed: tuple[str, ...] = ()) -> None:
+        """``changed``: the properties of the mount object that changed (Detached is
+        told by the record itself)."""
 
 
 class MountManager:
@@ -106,6 +92,7 @@ class MountManager:
         # assume so): a call alone runs its kernel calls in place, as a thread would only
         # add its hand-over to the time the caller waits.
         self.others_waiting: Callable[[], bool] = lambda: True
+        self.lifetimes = Lifetimes(self)  # mounts bound to a caller, unit or session
 
     def configure(self, config: Config) -> None:
         """Take a (re)loaded configuration; paths are compared in canonical form."""
@@ -160,11 +147,30 @@ class MountManager:
         """
         found: dict[str, str] = {}
         if record is not None:
-            found = _details(record.spec, record.id, record.owner)
+            found = plan.details(record.spec, record.id, record.owner)
         found.update(details)
         await self.authority.authorize(caller, action, found, options.interactive(opts))
 
     # ---- Mount -----------------------------------------------------------------
+
+    def mount_declared(self, request: MountRequest, mount_id: str, name: str) -> MountRecord:
+        """A mount the administrator declared: made for root, with nobody to ask, in
+        place (it comes up before READY=1 or from a periodic check, with no caller waiting)."""
+        if mount_id in self.records:
+            raise Busy(f"the previous mount of {name!r} is detached and still in use; it comes up when that ends")
+        opts = options.check(name, request.options, options.MOUNT_OPTIONS)
+        with contextlib.ExitStack() as held:
+            context = plan.Context(self.places, self.runtime_dir, self._boot_id, self.holdings, self.kernel)
+            checked = plan.make(request, opts, mount_id, 0, context, held)
+            plan.recheck(checked, self.holdings, self.kernel)
+            record = dataclasses.replace(checked.record, name=name, persistent=True)
+            checked = dataclasses.replace(checked, record=record)
+            self._intend(record, durable=True)
+            try:
+                mnt_id = self._mount(checked)
+            except BaseException as e:
+                raise self._refused(record, e) from None
+            return self._made(record, mnt_id)
 
     async def mount(self, request: MountRequest, caller: Caller) -> MountRecord:
         opts = options.check("Mount", request.options, options.MOUNT_OPTIONS)
@@ -176,6 +182,7 @@ class MountManager:
             if opts.get(name) and not caller.is_root:
                 raise NotPermitted(f"{name}: only root may mount with {name}; other mounts are nodev,nosuid")
         self._check_quota(caller)
+        binding = await self.lifetimes.resolve(caller, opts["bind"], opts) if opts.get("bind") else None
         mount_id = secrets.token_hex(6)
         with contextlib.ExitStack() as held:
             context = plan.Context(self.places, self.runtime_dir, self._boot_id, self.holdings, self.kernel)
@@ -184,7 +191,7 @@ class MountManager:
             # ancestor of every lower) need not be worked out.
             action = ACTION_MOUNT if caller.is_root or plan.reachable(checked, caller) else ACTION_MOUNT_ANY
             await self.authority.authorize(
-                caller, action, _details(checked.record.spec), options.interactive(opts)
+                caller, action, plan.details(checked.record.spec), options.interactive(opts)
             )
             # What was authorized is what gets mounted, and the daemon's own state is
             # checked again, as it may have changed meanwhile; from that check on, the
@@ -192,7 +199,14 @@ class MountManager:
             # so that the awaits below (the journal sync, the kernel calls) race nothing.
             self._check_quota(caller)
             plan.recheck(checked, self.holdings, self.kernel)
-            return await self._make(checked)
+            if binding is not None:
+                checked = dataclasses.replace(
+                    checked, record=dataclasses.replace(checked.record, bound_to=str(binding))
+                )
+            record = await self._make(checked)
+        if binding is not None:
+            self.lifetimes.watch(binding)
+        return record
 
     def _check_quota(self, caller: Caller) -> None:
         if caller.is_root:
@@ -206,10 +220,9 @@ class MountManager:
             )
 
     async def _make(self, checked: plan.Plan) -> MountRecord:
-        record, spec = checked.record, checked.record.spec
-        self.holdings.add(record)
+        record = checked.record
+        self._intend(record, durable=False)
         try:
-            self.store.intend(record, durable=False)
             await self._sync.durable(alone=not self.others_waiting())  # C1: durable before anything exists
         except NotRecorded as e:
             self.holdings.remove(record)
@@ -220,14 +233,32 @@ class MountManager:
         crash.point("mount.intended")
         try:
             mnt_id = await self._in_thread(self._mount, checked)
-        except OSError as e:
+        except BaseException as e:
+            raise self._refused(record, e) from None
+        return self._made(record, mnt_id)
+
+    def _intend(self, record: MountRecord, durable: bool) -> None:
+        """Hold what the mount will use and note the intent (C1); ``durable`` syncs it
+        here, otherwise the caller has it synced with the Mounts that arrive together."""
+        self.holdings.add(record)
+        try:
+            self.store.intend(record, durable=durable)
+        except NotRecorded as e:
             self.holdings.remove(record)
-            self._undo(record)
-            raise Failed(f"the kernel refused the mount: {e.strerror or e}") from e
+            raise NotRecorded(f"uniond could not record the mount, so it made none: {e}") from None
         except BaseException:
             self.holdings.remove(record)
-            self._undo(record)
             raise
+
+    def _refused(self, record: MountRecord, error: BaseException) -> BaseException:
+        """The mount was not made: undo what was, and say why."""
+        self.holdings.remove(record)
+        self._undo(record)
+        if isinstance(error, OSError):
+            return Failed(f"the kernel refused the mount: {error.strerror or error}")
+        return error
+
+    def _made(self, record: MountRecord, mnt_id: int) -> MountRecord:
         self.holdings.remove(record)
         record = dataclasses.replace(record, mnt_id=mnt_id)
         # Not written (a full disk): the mount is made and kept all the same, since its
@@ -236,7 +267,7 @@ class MountManager:
         self._remark(record)
         crash.point("mount.recorded")
         self._add(record)
-        log.info("mount %s: mounted %s (owner uid %d)", record.id, spec.mountpoint, record.owner)
+        log.info("mount %s: mounted %s (owner uid %d)", record.id, record.spec.mountpoint, record.owner)
         self._notify("mount_added", record)
         return record
 
@@ -255,7 +286,11 @@ class MountManager:
                 made.append(workdir_fd)
                 crash.point("mount.workdir-made")
                 write_workdir_marker(workdir_fd, record)
-            self.marks.put(record)
+            try:
+                self.marks.put(record)
+            except OSError as e:
+                raise NotRecorded(f"uniond could not mark the mount in {self.marks.directory} ({e.strerror}), "
+                                  "so it made none") from None
             crash.point("mount.marked")
             if record.mountpoint_created:
                 os.makedirs(os.path.dirname(spec.mountpoint), mode=0o755, exist_ok=True)
@@ -294,20 +329,52 @@ class MountManager:
     async def unmount(self, mount_id: str, caller: Caller, opts: dict[str, Any]) -> MountRecord:
         opts = options.check("Unmount", opts, options.UNMOUNT_OPTIONS)
         record = self.get(mount_id)
-        action = ACTION_UNMOUNT_OWN if caller.uid == record.owner else ACTION_UNMOUNT_OTHER
-        await self.authorize(caller, action, opts, record)
+        # A declared mount is the administrator's, whoever its owner uid is.
+        own = caller.uid == record.owner and not record.persistent
+        await self.authorize(caller, ACTION_UNMOUNT_OWN if own else ACTION_UNMOUNT_OTHER, opts, record)
         record = self.get(mount_id)  # another call may have unmounted it meanwhile
         lazy = opts.get("lazy", False)
         if record.detached:
             return self._unmount_detached(record, lazy)
         if self.claims.in_use(mount_id):
             raise Busy(f"mount {mount_id} is being exported or committed; unmount it when that has finished")
-        mountpoint = record.spec.mountpoint
+        reason = f"asked by uid {caller.uid}"
         self._leaving.add(mount_id)  # to other calls, from here on, it is gone
         try:
-            await self._in_thread(engine.unmount, mountpoint, lazy, record.mnt_id)
-        except OSError as e:
+            await self._in_thread(self._unmount_kernel, record, lazy)
+        finally:
             self._leaving.discard(mount_id)
+        if lazy and record.mnt_id and holders.holding({record.mnt_id}):
+            # M12: the overlay lives on for the processes inside it; its workdir must too.
+            return self._detach(record, reason)
+        self._remove(record)
+        removed = await self._in_thread(reconcile.remove_made, record, self.marks)
+        return self._unmounted(record, removed, reason)
+
+    def remove(self, mount_id: str, reason: str) -> MountRecord | None:
+        """Unmount without a caller (its binding ended, its declaration went), in place
+        and lazily when busy; ``reason`` goes to the log. None if it was no longer there."""
+        record = self.records.get(mount_id)
+        if record is None or record.detached or mount_id in self._leaving:
+            return None  # detached: off its mountpoint already, cleaned when its last user goes
+        lazy = False
+        try:
+            self._unmount_kernel(record, lazy)
+        except Busy:
+            log.info("mount %s: busy, detaching it lazily", mount_id)
+            lazy = True
+            self._unmount_kernel(record, lazy)
+        if lazy and record.mnt_id and holders.holding({record.mnt_id}):
+            return self._detach(record, reason)
+        self._remove(record)
+        return self._unmounted(record, reconcile.remove_made(record, self.marks), reason)
+
+    def _unmount_kernel(self, record: MountRecord, lazy: bool) -> None:
+        """The kernel's part of an Unmount (in a thread, or in place)."""
+        mount_id, mountpoint = record.id, record.spec.mountpoint
+        try:
+            engine.unmount(mountpoint, lazy, record.mnt_id)
+        except OSError as e:
             if e.errno == errno.EBUSY:
                 users = ", ".join(str(h) for h in holders.find(mountpoint)) or "no process found"
                 raise Busy(
@@ -317,33 +384,27 @@ class MountManager:
             if e.errno not in (errno.EINVAL, errno.ENOENT):
                 raise Failed(f"unmounting {mountpoint} failed: {e.strerror}") from e
             log.warning("mount %s: was already unmounted behind the daemon's back", mount_id)
-        except BaseException:
-            self._leaving.discard(mount_id)
-            raise
         crash.point("unmount.unmounted")
-        if lazy and record.mnt_id and holders.holding({record.mnt_id}):
-            # M12: the overlay lives on for the processes inside it; its workdir must too.
-            self._leaving.discard(mount_id)
-            return self._detach(record, caller)
-        self._remove(record)
-        self._leaving.discard(mount_id)
-        if await self._in_thread(reconcile.remove_made, record, self.marks):
-            self.store.drop(mount_id)
+
+    def _unmounted(self, record: MountRecord, removed: bool, reason: str) -> MountRecord:
+        """The mount is off the kernel and out of the holdings: drop or keep its record."""
+        if removed:
+            self.store.drop(record.id)
         else:
-            self._stale[mount_id] = record
+            self._stale[record.id] = record
         self._notify("mount_removed", record)
-        log.info("mount %s: unmounted %s (asked by uid %d)", mount_id, mountpoint, caller.uid)
+        log.info("mount %s: unmounted %s (%s)", record.id, record.spec.mountpoint, reason)
         return record
 
-    def _detach(self, record: MountRecord, caller: Caller) -> MountRecord:
+    def _detach(self, record: MountRecord, reason: str) -> MountRecord:
         self._remove(record)
         record = dataclasses.replace(record, detached=True)
         self._add(record)
         self.store.update(record)
         self._remark(record)
         log.info(
-            "mount %s: detached from %s (asked by uid %d); cleaned once its last user has gone",
-            record.id, record.spec.mountpoint, caller.uid,
+            "mount %s: detached from %s (%s); cleaned once its last user has gone",
+            record.id, record.spec.mountpoint, reason,
         )
         self._notify("mount_changed", record)
         return record
@@ -415,11 +476,28 @@ class MountManager:
             if ids:
                 self.sweep_detached(await asyncio.to_thread(holders.holding, ids))
 
-    def _notify(self, event: str, record: MountRecord) -> None:
+    # ---- Update ----------------------------------------------------------------
+
+    async def update(
+        self, mount_id: str, lowerdirs: tuple[str, ...], caller: Caller, opts: dict[str, Any]
+    ) -> MountRecord:
+        """Replace a live mount's lowers without a gap (the update module says how)."""
+        return await updating.update(self, mount_id, lowerdirs, caller, opts)
+
+    def replaced(self, record: MountRecord, changed: tuple[str, ...]) -> None:
+        """A mount changed in place (Update): record and mark it, tell the listeners
+        which properties of its object changed."""
+        self.store.update(record)
+        self._remark(record)
+        self._remove(self.records[record.id])
+        self._add(record)
+        self._notify("mount_changed", record, changed)
+
+    def _notify(self, event: str, record: MountRecord, *args: Any) -> None:
         for listener in self._listeners:
             try:
                 handler = getattr(listener, event, None)
                 if handler is not None:
-                    handler(record)
+                    handler(record, *args)
             except Exception:
                 log.exception("mount %s: listener %s failed on %s", record.id, listener, event)

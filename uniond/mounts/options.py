@@ -66,6 +66,7 @@ MOUNT_OPTIONS: dict[str, type] = {
     "description": str,
     "dev": bool,  # root only: allow device files (default nodev)
     "suid": bool,  # root only: honour setuid/setgid bits (default nosuid)
+    "bind": str,  # caller, unit, unit:NAME or session: the mount goes when that ends
     **AUTH_OPTIONS,
 }
 UNMOUNT_OPTIONS: dict[str, type] = {"lazy": bool, **AUTH_OPTIONS}
@@ -87,3 +88,4 @@ EXPORT_IMAGE_OPTIONS: dict[str, type] = {
     "name": str,  # the reference name the archive's index gives the image
     **AUTH_OPTIONS,
 }
+UPDATE_OPTIONS: dict[str, type] = {**AUTH_OPTIONS}

@@ -145,6 +145,24 @@ def make(
     return Plan(record, lowers, upper, upper_parent, workdir_handle, mountpoint_handle)
 
 
+def escape(path: str) -> str:
+    return path.replace("\\", "\\\\").replace(":", "\\:")
+
+
+def details(spec: MountSpec, mount_id: str = "", owner: int | None = None) -> dict[str, str]:
+    """What polkit rules can match on; lowerdirs joined with ':' as overlayfs' option (M2)."""
+    details = {
+        "mountpoint": spec.mountpoint,
+        "lowerdirs": ":".join(escape(p) for p in spec.lowerdirs),
+        "upperdir": spec.upperdir,
+    }
+    if mount_id:
+        details["mount"] = mount_id
+    if owner is not None:
+        details["owner"] = str(owner)
+    return details
+
+
 def reachable(plan: Plan, caller: Caller) -> bool:
     """Could the caller read every lower and does it own the upper and mountpoint?"""
     if not all(reach.can_read(caller, h.path, h.st) for h in plan.lowers):

@@ -92,6 +92,7 @@ def reconcile(
             level = logging.INFO if len(adopted) <= _ADOPTIONS_LOGGED else logging.DEBUG
             log.log(level, "mount %s: adopted at %s (kernel mount %d)", record.id, record.spec.mountpoint,
                     entry.mnt_id)
+            _thaw_if_frozen(record)
         elif record.spec.workdir in workdirs_in_use:
             stale[record.id] = record
             kept.append(record.id)
@@ -126,6 +127,18 @@ def is_ours(record: MountRecord, entry: mountinfo.MountEntry) -> bool:
     lowers = entry.option_values("lowerdir")  # and lowerdir+
     layers = [spec.upperdir, *spec.lowerdirs] if spec.upperdir else list(spec.lowerdirs)
     return entry.fstype == "overlay" and lowers[-len(layers) :] == layers
+
+
+def _thaw_if_frozen(record: MountRecord) -> None:
+    """A Commit cut short by a crash leaves its mount frozen (read-only): thaw it."""
+    mountpoint = record.spec.mountpoint
+    if record.spec.readonly or not os.statvfs(mountpoint).f_flag & os.ST_RDONLY:
+        return
+    try:
+        engine.set_readonly(mountpoint, False)
+        log.warning("mount %s: was left read-only by a Commit cut short; writable again", record.id)
+    except OSError as e:
+        log.warning("mount %s: left read-only by a Commit cut short, and could not be thawed: %s", record.id, e)
 
 
 def _same_directory(a: str, b: str) -> bool:

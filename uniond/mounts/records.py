@@ -27,6 +27,9 @@ class MountRecord:
     workdir_created: bool = False  # the daemon made the workdir, so it may remove it (C4)
     mountpoint_created: bool = False
     mnt_id: int = 0  # kernel mount id once mounted (0 = intent only)
+    name: str = ""  # a declared mount's name (its mounts.d file), "" for others
+    persistent: bool = False  # declared: brought up at start, mounted again when found gone
+    bound_to: str = ""  # what the mount lives as long as ("caller:NAME", "unit:NAME", "session:ID")
     # Lazily unmounted while in use (M12): the overlay lives on, detached from every
     # path, until its last user has gone; its workdir and upper stay claimed till then.
     detached: bool = False
@@ -61,13 +64,14 @@ class MountRecord:
 _RECORD_FIELDS: dict[str, type | tuple[type, ...]] = {
     "id": str, "spec": dict, "owner": int, "created_us": int, "boot_id": str, "options": dict,
     "description": str, "workdir_created": bool, "mountpoint_created": bool, "mnt_id": int, "detached": bool,
+    "name": str, "persistent": bool, "bound_to": str,
 }
 _SPEC_FIELDS: dict[str, type | tuple[type, ...]] = {
     "lowerdirs": list, "upperdir": str, "workdir": str, "mountpoint": str,
     "readonly": bool, "volatile": bool, "dev": bool, "suid": bool,
 }
 _OPTIONAL = {"options", "description", "workdir_created", "mountpoint_created", "mnt_id", "detached",
-             "volatile", "dev", "suid"}
+             "name", "persistent", "bound_to", "volatile", "dev", "suid"}
 
 
 def _check(data: Any, fields: dict[str, type | tuple[type, ...]], what: str) -> None:

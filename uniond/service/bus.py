@@ -13,7 +13,7 @@ import contextvars
 import logging
 import socket
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from dbus_next import BusType, Message, MessageType, Variant
@@ -37,6 +37,7 @@ from uniond.service.interfaces import (
     mount_path,
     signature_helper,
 )
+from uniond.service.peers import BusPeers
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class BusService:
         self._packing: asyncio.Future | None = None
         self.kernel_calls = 0  # Mount and Unmount calls received and not yet answered
         self._objects: dict[str, MountInterface] = {}  # mount id -> its exported object
+        self.on_reload: Callable[[], None] = lambda: None  # the daemon's reload
         manager.authority = Authority(self)
 
     async def connect(self) -> None:
@@ -96,6 +98,7 @@ class BusService:
         self.bus.add_message_handler(signature_helper(self.interface, constants.MANAGER_PATH))
         self.bus.add_message_handler(self._count_kernel_call)
         self.manager.others_waiting = self._others_waiting
+        self.manager.lifetimes.peers = BusPeers(self.bus, self.manager.lifetimes)
         self.bus.export(constants.MANAGER_PATH, self.interface)
         for record in self.manager.list():
             self.mount_added(record, announce=False)
@@ -243,14 +246,16 @@ class BusService:
         self.bus.unexport(path)
         self._signal("MountRemoved", path, record.spec.mountpoint)
 
-    def mount_changed(self, record: MountRecord) -> None:
+    def mount_changed(self, record: MountRecord, changed: tuple[str, ...] = ()) -> None:
+        """Same object, new record; PropertiesChanged carries the new values."""
         interface = self._objects.get(record.id)
         if interface is None:
             return
         before = interface.record
         interface.replace(record)
-        if before.detached != record.detached:
-            interface.emit_properties_changed({"Detached": record.detached})
+        names = [*changed, *(["Detached"] if before.detached != record.detached else [])]
+        if names:
+            interface.emit_properties_changed({name: getattr(interface, name) for name in names})
 
     def _signal(self, member: str, path: str, mountpoint: str) -> None:
         """MountAdded/MountRemoved(o, s), packed directly (as ManagerInterface declares them):

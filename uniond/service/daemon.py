@@ -10,17 +10,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import dataclasses
 import gc
 import logging
 import os
 import resource
 import signal
 import subprocess
+import sys
 import time
 
 from uniond import config as config_mod
 from uniond import constants
+from uniond.access.paths import Places
 from uniond.errors import UniondError
+from uniond.mounts import declfiles
+from uniond.mounts.declared import CHECK_INTERVAL, DeclaredMounts
 from uniond.mounts.journal import StateStore
 from uniond.mounts.layerops import LayerOperations
 from uniond.mounts.manager import MountManager
@@ -49,6 +54,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="system: the system bus ($DBUS_SYSTEM_BUS_ADDRESS honoured); private: start a "
         "private bus with uniond's policy; auto (default): system if there is one, else private",
     )
+    parser.add_argument(
+        "--mounts-dir", default=None,
+        help=f"declared mounts, one NAME.toml each (default {constants.DEFAULT_MOUNTS_DIRECTORY}; "
+        f"$RUNTIME_DIRECTORY/{constants.MOUNTS_D} is read as well)",
+    )
+    parser.add_argument(
+        "--check", action="store_true",
+        help="check the configuration and the declared mounts, then exit: 0 if all are good",
+    )
     parser.add_argument("--version", action="version", version=constants.VERSION)
     return parser.parse_args(argv)
 
@@ -63,6 +77,8 @@ class Daemon:
         self.state_dir = _directory("STATE_DIRECTORY", constants.DEFAULT_STATE_DIRECTORY)
         self.runtime_dir = _directory("RUNTIME_DIRECTORY", constants.DEFAULT_RUNTIME_DIRECTORY)
         self.manager = MountManager(StateStore(self.state_dir), self.runtime_dir, self.config)
+        self.declared = DeclaredMounts(self.manager, mounts_directories(args, self.runtime_dir))
+        self._checker: asyncio.TimerHandle | None = None
         self.stop_event: asyncio.Event | None = None
         self.bus_process: subprocess.Popen | None = None
         self._watchdog: asyncio.TimerHandle | None = None
@@ -96,15 +112,20 @@ class Daemon:
             "reconciled in %.1f ms: %d adopted, %d cleaned, %d kept for retry",
             (time.monotonic() - started) * 1000, len(report.adopted), len(report.cleaned), len(report.kept),
         )
+        self.notifier.status("bringing up declared mounts")
+        self._report_declared(self.declared.apply())
         self.notifier.status("connecting to the bus")
         service = BusService(self.manager, LayerOperations(self.manager), self._bus_address())
+        service.on_reload = self.reload
         await service.connect()
         _release_start_memory()
+        await self.manager.lifetimes.restore()  # bound mounts whose peer went meanwhile go
         self.manager.subscribe(self)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop_event.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         self._start_watchdog(loop)
+        self._start_checker(loop)
         detached_watch = asyncio.ensure_future(self.manager.watch_detached())
         self.notifier.ready(self.status_line())
         log.info("uniond %s ready on %s: %s", constants.VERSION, constants.BUS_NAME, self.status_line())
@@ -112,8 +133,9 @@ class Daemon:
         disconnected = asyncio.ensure_future(service.wait_for_disconnect())
         stopped = asyncio.ensure_future(self.stop_event.wait())
         await asyncio.wait({disconnected, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        if self._watchdog is not None:
-            self._watchdog.cancel()
+        for timer in (self._watchdog, self._checker):
+            if timer is not None:
+                timer.cancel()
         detached_watch.cancel()
         if disconnected.done():
             # Retrieve the reason: asyncio would otherwise print it as a traceback.
@@ -148,7 +170,26 @@ class Daemon:
 
         ping()
 
+    def _start_checker(self, loop: asyncio.AbstractEventLoop) -> None:
+        def check() -> None:
+            try:
+                self.declared.check()
+            except Exception:
+                log.exception("checking the declared mounts failed")
+            self._checker = loop.call_later(CHECK_INTERVAL, check)
+
+        self._checker = loop.call_later(CHECK_INTERVAL, check)
+
+    def _report_declared(self, outcome) -> None:
+        if any(dataclasses.astuple(outcome)):
+            log.info(
+                "declared mounts: %d mounted, %d kept, %d changed, %d removed, %d failed",
+                len(outcome.mounted), len(outcome.kept), len(outcome.swapped), len(outcome.removed),
+                len(outcome.failed),
+            )
+
     def reload(self) -> None:
+        """SIGHUP, `systemctl reload` and the Manager's Reload() alike."""
         self.notifier.reloading()
         try:
             self.config = config_mod.load(self.config_path, required=self.args.config is not None)
@@ -157,6 +198,7 @@ class Daemon:
             log.info("configuration reloaded from %s", self.config_path)
         except config_mod.ConfigError as e:
             log.error("reload failed, keeping the previous configuration: %s", e)
+        self._report_declared(self.declared.apply(reload=True))
         self.notifier.ready(self.status_line())
 
     # MountListener: keep systemd's status line current.
@@ -187,8 +229,42 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def mounts_directories(args: argparse.Namespace, runtime_dir: str) -> tuple[str, str]:
+    return (args.mounts_dir or constants.DEFAULT_MOUNTS_DIRECTORY, os.path.join(runtime_dir, constants.MOUNTS_D))
+
+
+def check(args: argparse.Namespace) -> int:
+    """`uniond --check`: what the daemon would say of its configuration and declared
+    mounts, without starting (for administrators and ExecReload=)."""
+    if sys.stderr.isatty():
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    else:
+        logs.setup("info")
+    bad = 0
+    path = args.config or constants.DEFAULT_CONFIG_PATH
+    try:
+        config = config_mod.load(path, required=args.config is not None)
+    except config_mod.ConfigError as e:
+        log.error("bad configuration: %s", e)
+        config, bad = config_mod.Config(), 1
+    state_dir = _directory("STATE_DIRECTORY", constants.DEFAULT_STATE_DIRECTORY)
+    runtime_dir = _directory("RUNTIME_DIRECTORY", constants.DEFAULT_RUNTIME_DIRECTORY)
+    found, problems = declfiles.read(mounts_directories(args, runtime_dir))
+    places = Places.of(config.allowed_roots, (state_dir, runtime_dir))
+    problems += [p for p in (declfiles.check_places(d, places) for d in found.values()) if p is not None]
+    for problem in problems:
+        log.error("declared mount skipped: %s", problem)
+    bad += len(problems)
+    good = len(found) - len({p.path for p in problems if p.path in {d.path for d in found.values()}})
+    log.info("%s: %d declared mount%s good, %d problem%s", "ok" if not bad else "not ok", good,
+             "" if good == 1 else "s", bad, "" if bad == 1 else "s")
+    return 1 if bad else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.check:
+        return check(args)
     _raise_fd_limit()
     try:
         daemon = Daemon(args)

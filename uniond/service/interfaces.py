@@ -278,6 +278,18 @@ class MountInterface(ServiceInterface):
         return {key: _wrap(value) for key, value in self.record.options.items()}
 
     @dbus_property(access=PropertyAccess.READ)
+    def Name(self) -> "s":
+        return self.record.name
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Persistent(self) -> "b":
+        return self.record.persistent
+
+    @dbus_property(access=PropertyAccess.READ)
+    def BoundTo(self) -> "s":
+        return self.record.bound_to
+
+    @dbus_property(access=PropertyAccess.READ)
     def Detached(self) -> "b":
         """True after a lazy Unmount while processes still use the mount; the object
         goes when the last of them has gone."""
@@ -331,6 +343,12 @@ class ManagerInterface(ServiceInterface):
             await self.manager.unmount(mount_id_of(mount), caller, _unwrap_options(options))
         finally:
             self.service.kernel_calls -= 1
+
+    @method()
+    @translated
+    async def Update(self, mount: "o", lowerdirs: "as", options: "a{sv}"):
+        caller = await self.service.caller()
+        await self.manager.update(mount_id_of(mount), tuple(lowerdirs), caller, _unwrap_options(options))
 
     @method()
     @translated
@@ -413,6 +431,13 @@ class ManagerInterface(ServiceInterface):
         caller = await self.service.caller()
         result = await self.layers.commit(mount_id_of(mount), destdir, caller, _unwrap_options(options))
         return result.entries
+
+    @method()
+    @translated
+    async def Reload(self):
+        caller = await self.service.caller()
+        await self.manager.authorize(caller, constants.ACTION_RELOAD, {})
+        self.service.on_reload()
 
     @method()
     @translated
