@@ -224,7 +224,7 @@ class MountInterface(ServiceInterface):
         self._packed: bytes | None = None
 
     def replace(self, record: MountRecord) -> None:
-        """The same mount, changed (detached): its packed entry is made again."""
+        """The same mount, changed (detached, updated): its packed entry is made again."""
         self.record = record
         self._packed = None
 
@@ -237,7 +237,9 @@ class MountInterface(ServiceInterface):
                 ("LowerDirs", "as", r.spec.lowerdirs), ("UpperDir", "s", r.spec.upperdir),
                 ("WorkDir", "s", r.spec.workdir), ("ReadOnly", "b", r.spec.readonly),
                 ("Owner", "u", r.owner), ("Created", "t", r.created_us),
-                ("Options", "a{sv}", self.Options), ("Detached", "b", r.detached),
+                ("Options", "a{sv}", self.Options), ("Name", "s", r.name),
+                ("Persistent", "b", r.persistent), ("BoundTo", "s", r.bound_to),
+                ("Detached", "b", r.detached),
             ])
         return self._packed
 
