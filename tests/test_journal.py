@@ -196,3 +196,15 @@ def test_after_a_power_cut_records_of_the_old_boot_are_cleaned_never_adopted(dae
     assert (t / "upper/written").read_text() == "synced by its writer"
     log = daemon.log()
     assert "was volatile" in log and "Traceback" not in log
+
+
+def test_a_torn_last_line_never_swallows_the_next_record_even_uncompacted(tmp_path):
+    with _tmpfs(tmp_path / "state") as state:
+        (state / "mounts.journal").write_bytes(_line(_record("a")) + b'{"put": {"id": "torn')
+        _fill(state, pad_journal=False)
+        store = StateStore(str(state))
+        assert sorted(store.load()) == ["a"]
+        assert store.compact({"a": _record("a")}) is False  # no room for the new file
+        store.intend(_record("b"))  # fits in the journal's last page
+        store.close()
+        assert sorted(StateStore(str(state)).load()) == ["a", "b"]

@@ -95,6 +95,7 @@ class StateStore:
         if torn_tail:
             # A crash in the middle of an append: expected, and the reason the intent is
             # synced before anything exists (C1). Its mount, if any, is found by its mark.
+            self._torn = True  # until compacted, the next line must not be glued to it
             log.warning("state journal %s ends in a torn line, ignored: %r", self.path, torn_tail[:200])
         if lost:
             self._keep_aside(lost)
@@ -138,8 +139,7 @@ class StateStore:
                 self.path, e.strerror or e,
             )
             return False
-        finally:
-            self._torn = False
+        self._torn = False
         return True
 
     def _open(self) -> int:
