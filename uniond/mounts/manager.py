@@ -16,13 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import errno
 import logging
-import os
 import secrets
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Any
 
 from uniond.access.caller import Caller
 from uniond.access.paths import Places
@@ -30,36 +28,24 @@ from uniond.access.polkit import Authority
 from uniond.config import Config
 from uniond.constants import ACTION_MOUNT, ACTION_MOUNT_ANY, ACTION_UNMOUNT_OTHER, ACTION_UNMOUNT_OWN
 from uniond.errors import Busy, Failed, InvalidArgument, NotFound, NotPermitted, NotRecorded
-from uniond.kernel import holders, syscalls
-from uniond.kernel import overlay as engine
+from uniond.kernel import holders
 from uniond.kernel.mounttable import OverlayUppers
-from uniond.mounts import crash, options, plan, reconcile
+from uniond.mounts import crash, detached, options, plan, reconcile, steps
 from uniond.mounts import update as updating
 from uniond.mounts.claims import Claims
 from uniond.mounts.groupsync import GroupSync
 from uniond.mounts.holdings import Holdings
 from uniond.mounts.journal import StateStore, boot_id
 from uniond.mounts.lifetimes import Lifetimes
-from uniond.mounts.marks import Marks, write_workdir_marker
+from uniond.mounts.marks import Marks
 from uniond.mounts.plan import MAX_LOWERS, MountRequest
 from uniond.mounts.reconcile import ReconcileReport
-from uniond.mounts.records import MountRecord
+from uniond.mounts.records import MountListener, MountRecord
 
 __all__ = ["MountManager", "MountRequest", "MountListener", "ReconcileReport"]
 
 log = logging.getLogger(__name__)
 
-DETACHED_POLL_SECONDS = 2.0  # how soon the last user of a detached mount is noticed
-
-
-class MountListener(Protocol):
-    def mount_added(self, record: MountRecord) -> None: ...
-
-    def mount_removed(self, record: MountRecord) -> None: ...
-
-    def mount_changed(self, record: MountRecord, changed: tuple[str, ...] = ()) -> None:
-        """``changed``: the properties of the mount object that changed (Detached is
-        told by the record itself)."""
 
 
 class MountManager:
@@ -167,7 +153,7 @@ class MountManager:
             checked = dataclasses.replace(checked, record=record)
             self._intend(record, durable=True)
             try:
-                mnt_id = self._mount(checked)
+                mnt_id = steps.attach(checked, self.marks)
             except BaseException as e:
                 raise self._refused(record, e) from None
             return self._made(record, mnt_id)
@@ -232,7 +218,7 @@ class MountManager:
             raise
         crash.point("mount.intended")
         try:
-            mnt_id = await self._in_thread(self._mount, checked)
+            mnt_id = await self._in_thread(steps.attach, checked, self.marks)
         except BaseException as e:
             raise self._refused(record, e) from None
         return self._made(record, mnt_id)
@@ -271,48 +257,6 @@ class MountManager:
         self._notify("mount_added", record)
         return record
 
-    def _mount(self, checked: plan.Plan) -> int:
-        """The kernel's part of a Mount (in a thread): what the daemon makes for it, its
-        marks, then the mount."""
-        record, spec = checked.record, checked.record.spec
-        made: list[int] = []
-        try:
-            workdir_fd = checked.workdir.fd if checked.workdir is not None else None
-            if record.workdir_created:
-                assert checked.upper_parent is not None
-                name = os.path.basename(spec.workdir)
-                os.mkdir(name, 0o700, dir_fd=checked.upper_parent)
-                workdir_fd = syscalls.open_dir_nofollow(name, checked.upper_parent)
-                made.append(workdir_fd)
-                crash.point("mount.workdir-made")
-                write_workdir_marker(workdir_fd, record)
-            try:
-                self.marks.put(record)
-            except OSError as e:
-                raise NotRecorded(f"uniond could not mark the mount in {self.marks.directory} ({e.strerror}), "
-                                  "so it made none") from None
-            crash.point("mount.marked")
-            if record.mountpoint_created:
-                os.makedirs(os.path.dirname(spec.mountpoint), mode=0o755, exist_ok=True)
-                os.mkdir(spec.mountpoint, 0o755)
-                mountpoint_fd = syscalls.open_dir_nofollow(spec.mountpoint)
-                made.append(mountpoint_fd)
-            else:
-                assert checked.mountpoint is not None
-                mountpoint_fd = checked.mountpoint.fd
-            fds = engine.LayerFds(
-                lowers=tuple(h.fd for h in checked.lowers),
-                upper=checked.upper.fd if checked.upper is not None else None,
-                workdir=workdir_fd,
-                mountpoint=mountpoint_fd,
-            )
-            mnt_id = engine.mount(spec, fds)
-            crash.point("mount.attached")
-            return mnt_id
-        finally:
-            for fd in made:
-                os.close(fd)
-
     def _remark(self, record: MountRecord) -> None:
         try:
             self.marks.put(record)
@@ -335,13 +279,13 @@ class MountManager:
         record = self.get(mount_id)  # another call may have unmounted it meanwhile
         lazy = opts.get("lazy", False)
         if record.detached:
-            return self._unmount_detached(record, lazy)
+            return detached.unmount(self, record, lazy)
         if self.claims.in_use(mount_id):
             raise Busy(f"mount {mount_id} is being exported or committed; unmount it when that has finished")
         reason = f"asked by uid {caller.uid}"
         self._leaving.add(mount_id)  # to other calls, from here on, it is gone
         try:
-            await self._in_thread(self._unmount_kernel, record, lazy)
+            await self._in_thread(steps.take_off, record, lazy)
         finally:
             self._leaving.discard(mount_id)
         if lazy and record.mnt_id and holders.holding({record.mnt_id}):
@@ -359,32 +303,15 @@ class MountManager:
             return None  # detached: off its mountpoint already, cleaned when its last user goes
         lazy = False
         try:
-            self._unmount_kernel(record, lazy)
+            steps.take_off(record, lazy)
         except Busy:
             log.info("mount %s: busy, detaching it lazily", mount_id)
             lazy = True
-            self._unmount_kernel(record, lazy)
+            steps.take_off(record, lazy)
         if lazy and record.mnt_id and holders.holding({record.mnt_id}):
             return self._detach(record, reason)
         self._remove(record)
         return self._unmounted(record, reconcile.remove_made(record, self.marks), reason)
-
-    def _unmount_kernel(self, record: MountRecord, lazy: bool) -> None:
-        """The kernel's part of an Unmount (in a thread, or in place)."""
-        mount_id, mountpoint = record.id, record.spec.mountpoint
-        try:
-            engine.unmount(mountpoint, lazy, record.mnt_id)
-        except OSError as e:
-            if e.errno == errno.EBUSY:
-                users = ", ".join(str(h) for h in holders.find(mountpoint)) or "no process found"
-                raise Busy(
-                    f"mount {mount_id} at {mountpoint} is busy, used by: {users}; "
-                    "stop them or pass lazy=true to detach it now"
-                ) from None
-            if e.errno not in (errno.EINVAL, errno.ENOENT):
-                raise Failed(f"unmounting {mountpoint} failed: {e.strerror}") from e
-            log.warning("mount %s: was already unmounted behind the daemon's back", mount_id)
-        crash.point("unmount.unmounted")
 
     def _unmounted(self, record: MountRecord, removed: bool, reason: str) -> MountRecord:
         """The mount is off the kernel and out of the holdings: drop or keep its record."""
@@ -409,19 +336,7 @@ class MountManager:
         self._notify("mount_changed", record)
         return record
 
-    def _unmount_detached(self, record: MountRecord, lazy: bool) -> MountRecord:
-        users = holders.holding({record.mnt_id}).get(record.mnt_id, [])
-        if not users:
-            self._forget(record)
-            log.info("mount %s: detached mount unused now; cleaned", record.id)
-        elif not lazy:
-            raise Busy(
-                f"mount {record.id} is already detached and still used by: {', '.join(map(str, users))}; "
-                "it is cleaned when they have gone"
-            )
-        return record
-
-    def _forget(self, record: MountRecord) -> None:
+    def forget(self, record: MountRecord) -> None:
         """The mount is gone from the kernel: clean what the daemon made and drop it."""
         self._remove(record)
         if not reconcile.cleanup(self.store, record, self.marks):
@@ -450,31 +365,6 @@ class MountManager:
     def _remove(self, record: MountRecord) -> None:
         del self.records[record.id]
         self.holdings.remove(record)
-
-    def sweep_detached(self, held: dict[int, list[holders.Holder]] | None = None) -> list[MountRecord]:
-        """Clean every detached mount that no process holds any more (M12); run every
-        few seconds while there are detached mounts (watch_detached does). ``held``:
-        a scan of the holders made meanwhile, off the event loop."""
-        waiting = self.detached()
-        if not waiting:
-            return []
-        if held is None:
-            held = holders.holding({r.mnt_id for r in waiting})
-        gone = []
-        for record in waiting:
-            if record.mnt_id not in held and self.records.get(record.id) == record:
-                self._forget(record)
-                log.info("mount %s: the last user of the detached mount has gone; cleaned", record.id)
-                gone.append(record)
-        return gone
-
-    async def watch_detached(self, interval: float = DETACHED_POLL_SECONDS) -> None:
-        """Forever: notice detached mounts whose last user has gone (within ``interval``)."""
-        while True:
-            await asyncio.sleep(interval)
-            ids = {r.mnt_id for r in self.detached()}
-            if ids:
-                self.sweep_detached(await asyncio.to_thread(holders.holding, ids))
 
     # ---- Update ----------------------------------------------------------------
 

@@ -8,11 +8,11 @@ reboots.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from uniond.kernel.overlay import MountSpec
 
-__all__ = ["MountRecord", "MountSpec"]
+__all__ = ["MountListener", "MountRecord", "MountSpec"]
 
 
 @dataclass(frozen=True)
@@ -91,3 +91,13 @@ def _check(data: Any, fields: dict[str, type | tuple[type, ...]], what: str) -> 
 
 def _is_path(path: str) -> bool:
     return path.startswith("/") and "\0" not in path and ".." not in path.split("/")
+
+
+class MountListener(Protocol):
+    def mount_added(self, record: MountRecord) -> None: ...
+
+    def mount_removed(self, record: MountRecord) -> None: ...
+
+    def mount_changed(self, record: MountRecord, changed: tuple[str, ...] = ()) -> None:
+        """``changed``: the properties of the mount object that changed (Detached is
+        told by the record itself)."""

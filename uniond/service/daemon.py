@@ -24,7 +24,7 @@ from uniond import config as config_mod
 from uniond import constants
 from uniond.access.paths import Places
 from uniond.errors import UniondError
-from uniond.mounts import declfiles
+from uniond.mounts import declfiles, detached
 from uniond.mounts.declared import CHECK_INTERVAL, DeclaredMounts
 from uniond.mounts.journal import StateStore
 from uniond.mounts.layerops import LayerOperations
@@ -126,7 +126,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         self._start_watchdog(loop)
         self._start_checker(loop)
-        detached_watch = asyncio.ensure_future(self.manager.watch_detached())
+        detached_watch = asyncio.ensure_future(detached.watch(self.manager))
         self.notifier.ready(self.status_line())
         log.info("uniond %s ready on %s: %s", constants.VERSION, constants.BUS_NAME, self.status_line())
 

@@ -23,32 +23,13 @@ from dbus_next.service import ServiceInterface, dbus_property, method, signal
 from uniond import constants
 from uniond.errors import Failed, InvalidArgument, NotFound, UniondError
 from uniond.mounts.manager import MountRequest
-from uniond.mounts.options import ForeignValue
-from uniond.mounts.records import MountRecord
-from uniond.service import wire
+from uniond.service.values import unwrap_options, wrap
 
 if TYPE_CHECKING:
     from uniond.service.bus import BusService
 
 log = logging.getLogger("uniond.service.bus")
 
-_PLAIN_SIGNATURES = {"b", "s", "t", "u", "i", "x", "n", "q", "y", "d", "as"}
-
-
-def _unwrap_options(raw: dict[str, Variant]) -> dict[str, Any]:
-    """Variants to Python values; types no option uses stay recognisably foreign."""
-    return {
-        key: v.value if v.signature in _PLAIN_SIGNATURES else ForeignValue(v.signature)
-        for key, v in raw.items()
-    }
-
-
-def _wrap(value: Any) -> Variant:
-    if isinstance(value, bool):
-        return Variant("b", value)
-    if isinstance(value, int):
-        return Variant("t", value)
-    return Variant("s", str(value))
 
 
 # Where each method taking a descriptor has it: (member, signature) -> argument position.
@@ -198,106 +179,6 @@ def _name_arguments(interface: ServiceInterface, names: dict[str, list[str]]) ->
             arg.name = name
 
 
-class MountInterface(ServiceInterface):
-    """org.uniond1.Mount: one object per mount, all properties read-only."""
-
-    _members: tuple[list, list, list] | None = None  # dbus-next's lists, the same for every object
-
-    def __init__(self, record: MountRecord) -> None:
-        # dbus-next inspects the class for its members per object (getmembers: ~50 us,
-        # a sixth of a start with 10,000 mounts); they are the same for every object.
-        template = MountInterface._members
-        if template is None:
-            super().__init__(constants.MOUNT_INTERFACE)
-            MountInterface._members = (
-                ServiceInterface._get_methods(self), ServiceInterface._get_properties(self),
-                ServiceInterface._get_signals(self),
-            )
-        else:
-            self.name = constants.MOUNT_INTERFACE
-            methods, properties, signals = template
-            self._ServiceInterface__methods = methods
-            self._ServiceInterface__properties = properties
-            self._ServiceInterface__signals = signals
-            self._ServiceInterface__buses = set()
-        self.record = record
-        self._packed: bytes | None = None
-
-    def replace(self, record: MountRecord) -> None:
-        """The same mount, changed (detached, updated): its packed entry is made again."""
-        self.record = record
-        self._packed = None
-
-    def packed_entry(self, path: str) -> bytes:
-        """This object's GetManagedObjects entry, packed once (until ``replace``)."""
-        if self._packed is None:
-            r = self.record
-            self._packed = wire.object_entry(path, constants.MOUNT_INTERFACE, [
-                ("Id", "s", r.id), ("Mountpoint", "s", r.spec.mountpoint),
-                ("LowerDirs", "as", r.spec.lowerdirs), ("UpperDir", "s", r.spec.upperdir),
-                ("WorkDir", "s", r.spec.workdir), ("ReadOnly", "b", r.spec.readonly),
-                ("Owner", "u", r.owner), ("Created", "t", r.created_us),
-                ("Options", "a{sv}", self.Options), ("Name", "s", r.name),
-                ("Persistent", "b", r.persistent), ("BoundTo", "s", r.bound_to),
-                ("Detached", "b", r.detached),
-            ])
-        return self._packed
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Id(self) -> "s":
-        return self.record.id
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Mountpoint(self) -> "s":
-        return self.record.spec.mountpoint
-
-    @dbus_property(access=PropertyAccess.READ)
-    def LowerDirs(self) -> "as":
-        return list(self.record.spec.lowerdirs)
-
-    @dbus_property(access=PropertyAccess.READ)
-    def UpperDir(self) -> "s":
-        return self.record.spec.upperdir
-
-    @dbus_property(access=PropertyAccess.READ)
-    def WorkDir(self) -> "s":
-        return self.record.spec.workdir
-
-    @dbus_property(access=PropertyAccess.READ)
-    def ReadOnly(self) -> "b":
-        return self.record.spec.readonly
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Owner(self) -> "u":
-        return self.record.owner
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Created(self) -> "t":
-        return self.record.created_us
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Options(self) -> "a{sv}":
-        return {key: _wrap(value) for key, value in self.record.options.items()}
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Name(self) -> "s":
-        return self.record.name
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Persistent(self) -> "b":
-        return self.record.persistent
-
-    @dbus_property(access=PropertyAccess.READ)
-    def BoundTo(self) -> "s":
-        return self.record.bound_to
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Detached(self) -> "b":
-        """True after a lazy Unmount while processes still use the mount; the object
-        goes when the last of them has gone."""
-        return self.record.detached
-
-
 class ManagerInterface(ServiceInterface):
     """org.uniond1.Manager: the methods callers use."""
 
@@ -331,7 +212,7 @@ class ManagerInterface(ServiceInterface):
     async def Mount(self, lowerdirs: "as", upperdir: "s", mountpoint: "s", options: "a{sv}") -> "o":
         try:
             caller = await self.service.caller()
-            request = MountRequest(tuple(lowerdirs), upperdir, mountpoint, _unwrap_options(options))
+            request = MountRequest(tuple(lowerdirs), upperdir, mountpoint, unwrap_options(options))
             record = await self.manager.mount(request, caller)
             return mount_path(record.id)
         finally:
@@ -342,7 +223,7 @@ class ManagerInterface(ServiceInterface):
     async def Unmount(self, mount: "o", options: "a{sv}"):
         try:
             caller = await self.service.caller()
-            await self.manager.unmount(mount_id_of(mount), caller, _unwrap_options(options))
+            await self.manager.unmount(mount_id_of(mount), caller, unwrap_options(options))
         finally:
             self.service.kernel_calls -= 1
 
@@ -350,13 +231,13 @@ class ManagerInterface(ServiceInterface):
     @translated
     async def Update(self, mount: "o", lowerdirs: "as", options: "a{sv}"):
         caller = await self.service.caller()
-        await self.manager.update(mount_id_of(mount), tuple(lowerdirs), caller, _unwrap_options(options))
+        await self.manager.update(mount_id_of(mount), tuple(lowerdirs), caller, unwrap_options(options))
 
     @method()
     @translated
     async def Diff(self, mount: "o", options: "a{sv}") -> "a(ss)":
         caller = await self.service.caller()
-        changes = await self.layers.diff(mount_id_of(mount), caller, _unwrap_options(options))
+        changes = await self.layers.diff(mount_id_of(mount), caller, unwrap_options(options))
         if _diff_size(changes) > MAX_REPLY_BODY:
             raise Failed(
                 f"the {len(changes)} changes do not fit in one D-Bus message (at most "
@@ -369,7 +250,7 @@ class ManagerInterface(ServiceInterface):
     async def DiffInto(self, mount: "o", fd: "h", options: "a{sv}") -> "t":
         with _owned(fd) as owned:
             caller = await self.service.caller()
-            return await self.layers.diff_into(mount_id_of(mount), owned, caller, _unwrap_options(options))
+            return await self.layers.diff_into(mount_id_of(mount), owned, caller, unwrap_options(options))
 
     # dbus-next hands an "h" argument over as the received descriptor itself and never
     # closes it: the method owns it and closes it on every path. An index with no
@@ -380,7 +261,7 @@ class ManagerInterface(ServiceInterface):
     async def ExportDiff(self, mount: "o", fd: "h", options: "a{sv}") -> "t":
         with _owned(fd) as owned:
             caller = await self.service.caller()
-            result = await self.layers.export_diff(mount_id_of(mount), owned, caller, _unwrap_options(options))
+            result = await self.layers.export_diff(mount_id_of(mount), owned, caller, unwrap_options(options))
         return result.bytes
 
     @method()
@@ -388,7 +269,7 @@ class ManagerInterface(ServiceInterface):
     async def ImportLayer(self, fd: "h", destdir: "s", options: "a{sv}") -> "t":
         with _owned(fd) as owned:
             caller = await self.service.caller()
-            result = await self.layers.import_layer(owned, destdir, caller, _unwrap_options(options))
+            result = await self.layers.import_layer(owned, destdir, caller, unwrap_options(options))
         return result.entries
 
     @method()
@@ -397,7 +278,7 @@ class ManagerInterface(ServiceInterface):
         with _owned(fd) as owned:
             caller = await self.service.caller()
             result = await self.layers.export_diff(
-                mount_id_of(mount), owned, caller, _unwrap_options(options), method="ExportLayer"
+                mount_id_of(mount), owned, caller, unwrap_options(options), method="ExportLayer"
             )
         return _layer_info(result.bytes, result.entries, result)
 
@@ -407,7 +288,7 @@ class ManagerInterface(ServiceInterface):
         with _owned(fd) as owned:
             caller = await self.service.caller()
             result = await self.layers.import_layer(
-                owned, destdir, caller, _unwrap_options(options), method="ApplyLayer"
+                owned, destdir, caller, unwrap_options(options), method="ApplyLayer"
             )
         return _layer_info(result.bytes, result.members, result)
 
@@ -416,22 +297,22 @@ class ManagerInterface(ServiceInterface):
     async def ImportImage(self, fd: "h", store: "s", options: "a{sv}") -> "asa{sv}":
         with _owned(fd) as owned:
             caller = await self.service.caller()
-            result = await self.images.import_image(owned, store, caller, _unwrap_options(options))
-        return [list(result.lowerdirs), {key: _wrap(value) for key, value in result.info().items()}]
+            result = await self.images.import_image(owned, store, caller, unwrap_options(options))
+        return [list(result.lowerdirs), {key: wrap(value) for key, value in result.info().items()}]
 
     @method()
     @translated
     async def ExportImage(self, mount: "o", fd: "h", options: "a{sv}") -> "a{sv}":
         with _owned(fd) as owned:
             caller = await self.service.caller()
-            result = await self.images.export_image(mount_id_of(mount), owned, caller, _unwrap_options(options))
-        return {key: _wrap(value) for key, value in result.info().items()}
+            result = await self.images.export_image(mount_id_of(mount), owned, caller, unwrap_options(options))
+        return {key: wrap(value) for key, value in result.info().items()}
 
     @method()
     @translated
     async def Commit(self, mount: "o", destdir: "s", options: "a{sv}") -> "t":
         caller = await self.service.caller()
-        result = await self.layers.commit(mount_id_of(mount), destdir, caller, _unwrap_options(options))
+        result = await self.layers.commit(mount_id_of(mount), destdir, caller, unwrap_options(options))
         return result.entries
 
     @method()
