@@ -27,6 +27,7 @@ FileOrFd = int | IO[bytes] | str | os.PathLike
 _BUS = "org.freedesktop.DBus"
 _PROPERTIES = "org.freedesktop.DBus.Properties"
 _SYSTEMD = "org.freedesktop.systemd1"
+_KIND_ORDER = {"D": 0, "C": 1, "A": 2}  # Diff's order for one path: a replaced directory is D then A
 _GONE = {"org.freedesktop.DBus.Error.UnknownObject", "org.freedesktop.DBus.Error.UnknownInterface",
          "org.freedesktop.DBus.Error.UnknownMethod"}
 
@@ -234,6 +235,11 @@ class AsyncClient:
         props = _plain(props)
         return props.get("ActiveState"), props.get("SubState"), _plain(text) or None
 
+    async def reload(self) -> None:
+        """Apply edits of the declared mounts (mounts.d) and the configuration now, as
+        ``systemctl reload uniond`` does; returns once they are applied."""
+        await self._call("Reload")
+
     async def events(self) -> AsyncEvents:
         """Subscribe to MountAdded / MountRemoved; ``async for event in await client.events()``."""
         if self._bus is None:
@@ -250,8 +256,20 @@ class AsyncClient:
         await self._call("Unmount", "oa{sv}", [path, self._options(lazy=lazy or None)])
 
     async def _diff(self, path: str) -> list[Change]:
-        (changes,) = await self._call("Diff", "oa{sv}", [path, self._options()])
-        return [Change(kind, changed) for kind, changed in changes]
+        """DiffInto through a pipe read meanwhile, not Diff: any number of changes and any
+        name fit, where Diff's one message does not. Sorted as Diff sorts."""
+        changes: list[Change] = []
+        await files.while_reading(lambda fd: self._diff_into(path, fd),
+                                  files.nul_records(lambda record: changes.append(Change.from_record(record))))
+        return sorted(changes, key=lambda c: (c.path, _KIND_ORDER[c.kind]))
+
+    async def _diff_into(self, path: str, file_or_fd: FileOrFd) -> int:
+        return await self._write_into("DiffInto", path, file_or_fd, None)
+
+    async def _update(self, path: str, lowers: Iterable[str | os.PathLike], **options: Any) -> None:
+        if isinstance(lowers, str | os.PathLike):
+            raise TypeError("lowers is a list of directories, top-most first, not one path")
+        await self._call("Update", "oasa{sv}", [path, [_absolute(p) for p in lowers], self._options(**options)])
 
     async def _read_from(self, member: str, file_or_fd: FileOrFd, destdir: str | os.PathLike,
                          progress: Progress | None, **options: Any) -> list[Any]:
@@ -307,8 +325,21 @@ class AsyncMount(MountProperties):
         return self
 
     async def diff(self) -> list[Change]:
-        """What the mount changed relative to its lowers, sorted by path."""
+        """What the mount changed relative to its lowers, sorted by path (through
+        DiffInto: any number of changes, any name; see ``Change.raw``)."""
         return await self.client._diff(self.path)
+
+    async def diff_into(self, file_or_fd: FileOrFd) -> int:
+        """Write the changes into a path, file object or fd, unsorted, one ``KIND SPACE
+        PATH NUL`` record each (the path's bytes as on disk); returns how many. For a
+        pipe, read it while this runs (``diff`` does that for you)."""
+        return await self.client._diff_into(self.path, file_or_fd)
+
+    async def update(self, lowers: Iterable[str | os.PathLike], **options: Any) -> AsyncMount:
+        """Replace the lowers (top-most first) without a moment where the mountpoint is
+        empty; the same mount, its properties read again. ``NotSupported`` below kernel 6.5."""
+        await self.client._update(self.path, lowers, **options)
+        return await self.refresh()
 
     async def export(self, file_or_fd: FileOrFd, compression: str | None = None,
                      progress: Progress | None = None) -> int:
