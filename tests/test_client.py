@@ -392,6 +392,13 @@ def test_update_reload_diff_of_any_name_and_flags(daemon, bus, layers, tmp_path)
         with open(tmp_path / "records", "wb") as f:
             assert m.diff_into(f) == 2
         assert sorted((tmp_path / "records").read_bytes().split(b"\0")) == [b"", b"A /caf\xe9", b"D /a"]
+        # Far more than a pipe holds (64 KiB): read while the daemon writes, none lost.
+        (t / "merge/many").mkdir()
+        for i in range(3000):
+            (t / "merge/many" / f"{i:05}{'x' * 120}").touch()
+        many = m.diff()
+        assert len(many) == 3003 and many[3].path == f"/many/00000{'x' * 120}"
+        assert len(unionctl(bus, "diff", made["id"], check=0).stdout.splitlines()) == 3003
 
         # FLAGS and the JSON fields: bound to this client's connection, and detached while in use.
         bound = client.mount([t / "image1"], bind="caller")
