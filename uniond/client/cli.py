@@ -62,7 +62,7 @@ def diff(s: Session, name: str, null: bool) -> None:
     """What a mount changed, as `docker diff` prints it: A added, C changed, D deleted.
 
     Any number of changes (read through DiffInto as they come) and any name: a name
-    that is not UTF-8 is printed as its bytes; in --json its "path" shows such bytes
+    that is not UTF-8 is printed as its bytes; in --json its "path" shows the bytes that are not UTF-8
     as \\xNN and "path_base64" holds the exact bytes."""
     m = s.client.find(name)
     changes = m.diff()

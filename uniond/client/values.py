@@ -157,8 +157,8 @@ class Change:
         return self.path.encode("utf-8", "surrogateescape")
 
     def as_json(self) -> dict[str, str]:
-        """``kind`` and ``path``; for a name that is not UTF-8, ``path`` shows each byte
-        that is not as ``\\xNN`` (for reading only) and ``path_base64`` holds the exact bytes."""
+        """``kind`` and ``path``; for a name that is not UTF-8, ``path`` shows the bytes
+        that are not UTF-8 as ``\\xNN`` (for reading only) and ``path_base64`` holds the exact bytes."""
         raw = self.raw
         try:
             return {"kind": self.kind, "path": raw.decode("utf-8")}
