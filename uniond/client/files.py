@@ -14,9 +14,11 @@ import contextlib
 import os
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 T = TypeVar("T")
+Progress = Callable[[int, int | None], None]  # (bytes done, bytes in all or None)
+FileOrFd = int | IO[bytes] | str | os.PathLike
 
 Meter = Callable[[], tuple[int, int | None] | None]  # (done, total), or None when unknown
 
