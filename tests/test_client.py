@@ -6,6 +6,7 @@ both its sync and async forms.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import io
 import json
@@ -84,7 +85,7 @@ def test_every_command_as_root(daemon, bus, layers, tmp_path):
     listed = json.loads(out(unionctl(bus, "list", "--json", check=0)))["mounts"]
     assert [m["id"] for m in listed] == [made["id"], view_id]
     table = out(unionctl(bus, "list", check=0)).splitlines()
-    assert table[0].split() == ["ID", "MOUNTPOINT", "LAYERS", "UPPER", "OWNER", "CREATED"]
+    assert table[0].split() == ["ID", "MOUNTPOINT", "LAYERS", "UPPER", "OWNER", "CREATED", "FLAGS"]
     assert table[1].split()[:5] == [made["id"], str(t / "merge"), f"{t}/image2:{t}/image1", str(t / "upper"), "root"]
     assert table[2].split()[3:5] == ["-", "root"]
 
@@ -361,6 +362,65 @@ def test_library_async(daemon, bus, layers, tmp_path):
             return [(await events.get(timeout=10)).event for _ in range(8)]
 
     assert asyncio.run(main()) == ["MountAdded"] * 4 + ["MountRemoved"] * 4
+
+
+def test_update_reload_diff_of_any_name_and_flags(daemon, bus, layers, tmp_path):
+    t = layers
+    (t / "image3").mkdir()
+    (t / "image3/e").write_text("e")
+    made = json.loads(out(unionctl(bus, "mount", t / "image2", t / "image1", "--upper", t / "upper",
+                                   "--mountpoint", t / "merge", "--json", check=0)))
+    assert (made["name"], made["persistent"], made["bound_to"], made["detached"]) == ("", False, "", False)
+    # Update: new lowers under the same id and mountpoint, the merged view changed with them.
+    updated = json.loads(out(unionctl(bus, "update", t / "merge", t / "image3", t / "image1", "--json", check=0)))
+    assert updated["id"] == made["id"] and updated["lowerdirs"] == [str(t / "image3"), str(t / "image1")]
+    assert sorted(os.listdir(t / "merge")) == ["a", "b", "e"]
+    one_error_line(unionctl(bus, "update", made["id"], t / "nowhere", check=1), f"{E}.InvalidArgument", "nowhere")
+    assert sorted(os.listdir(t / "merge")) == ["a", "b", "e"]
+
+    # Diff through DiffInto: a name that is not UTF-8 comes out as its bytes, and in JSON escaped.
+    os.close(os.open(os.fsencode(t / "merge") + b"/caf\xe9", os.O_CREAT | os.O_WRONLY, 0o644))
+    os.unlink(t / "merge/a")
+    assert unionctl(bus, "diff", made["id"], check=0).stdout == b"D /a\nA /caf\xe9\n"
+    assert unionctl(bus, "diff", "-z", made["id"], check=0).stdout == b"D /a\0A /caf\xe9\0"
+    changes = json.loads(out(unionctl(bus, "diff", "--json", t / "merge", check=0)))["changes"]
+    assert changes == [{"kind": "D", "path": "/a"},
+                       {"kind": "A", "path": "/caf\\xe9", "path_base64": base64.b64encode(b"/caf\xe9").decode()}]
+    with Client(bus.address) as client:
+        m = client.find(t / "merge")
+        assert [c.raw for c in m.diff()] == [b"/a", b"/caf\xe9"]
+        with open(tmp_path / "records", "wb") as f:
+            assert m.diff_into(f) == 2
+        assert sorted((tmp_path / "records").read_bytes().split(b"\0")) == [b"", b"A /caf\xe9", b"D /a"]
+        # Far more than a pipe holds (64 KiB): read while the daemon writes, none lost.
+        (t / "merge/many").mkdir()
+        for i in range(3000):
+            (t / "merge/many" / f"{i:05}{'x' * 120}").touch()
+        many = m.diff()
+        assert len(many) == 3003 and many[3].path == f"/many/00000{'x' * 120}"
+        assert len(unionctl(bus, "diff", made["id"], check=0).stdout.splitlines()) == 3003
+
+        # FLAGS and the JSON fields: bound to this client's connection, and detached while in use.
+        bound = client.mount([t / "image1"], bind="caller")
+        holder = subprocess.Popen(["sleep", "60"], cwd=m.mountpoint)
+        try:
+            m.unmount(lazy=True)
+            listed = {i["id"]: i for i in json.loads(out(unionctl(bus, "list", "--json", check=0)))["mounts"]}
+            assert listed[bound.id]["bound_to"].startswith("caller::1.") and not listed[bound.id]["detached"]
+            assert listed[made["id"]]["detached"] is True and listed[made["id"]]["bound_to"] == ""
+            table = out(unionctl(bus, "list", check=0)).splitlines()
+            assert [row.split()[-1] for row in table] == ["FLAGS", "detached", f"bound={bound.bound_to}"]
+        finally:
+            holder.kill()
+            holder.wait()
+
+    # Reload as root: a new mounts.d file comes up, flagged as declared.
+    (daemon.mounts_dir).mkdir(parents=True, exist_ok=True)
+    (daemon.mounts_dir / "app.toml").write_text(f"lowerdirs = ['{t / 'image2'}']\n")
+    assert json.loads(out(unionctl(bus, "reload", "--json", check=0))) == {"reloaded": True}
+    listed = json.loads(out(unionctl(bus, "list", "--json", check=0)))["mounts"]
+    assert [(i["name"], i["persistent"]) for i in listed if i["name"]] == [("app", True)]
+    assert "declared=app" in out(unionctl(bus, "list", check=0))
 
 
 def test_completion_scripts_shipped_equal_generated(bus):

@@ -26,6 +26,7 @@ from uniond.client.errors import (
     NotAuthorizedDismissed,
     NotFound,
     NotPermitted,
+    NotSupported,
     UniondError,
 )
 from uniond.client.sync import Client, Events, Mount
@@ -34,6 +35,6 @@ from uniond.client.values import Change, Event, ExportedImage, ImageInfo, LayerI
 __all__ = [
     "AlreadyMounted", "AsyncClient", "AsyncEvents", "AsyncMount", "BusError", "Busy", "Change", "Client",
     "Event", "Events", "ExportedImage", "Failed", "ImageInfo", "InvalidArgument", "LayerInfo", "Mount", "MountInfo",
-    "NotAuthorized",
-    "NotAuthorizedCanObtain", "NotAuthorizedDismissed", "NotFound", "NotPermitted", "Status", "UniondError",
+    "NotAuthorized", "NotAuthorizedCanObtain", "NotAuthorizedDismissed", "NotFound", "NotPermitted", "NotSupported",
+    "Status", "UniondError",
 ]

@@ -3,15 +3,16 @@ made with dbus-next and turned into Python values and exceptions.
 
 This is the only code of the client that speaks D-Bus; the synchronous ``Client`` runs
 these same coroutines on a loop of its own. A new method of the contract is one
-``_call`` here and one line in ``sync.py``.
+``_call`` here and one line in ``sync.py`` (and, for a method on a mount, one in
+``mount.py``, where ``AsyncMount`` lives).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Iterable, Sequence
-from typing import IO, Any
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from dbus_next import BusType, Message, MessageType, Variant
 from dbus_next.aio import MessageBus
@@ -19,14 +20,14 @@ from dbus_next.aio import MessageBus
 from uniond import constants
 from uniond.client import errors, files, names
 from uniond.client.events import AsyncEvents
-from uniond.client.values import Change, ExportedImage, ImageInfo, LayerInfo, MountInfo, MountProperties, Status
-
-Progress = Callable[[int, int | None], None]  # (bytes done, bytes in all or None)
-FileOrFd = int | IO[bytes] | str | os.PathLike
+from uniond.client.files import FileOrFd, Progress
+from uniond.client.mount import AsyncMount
+from uniond.client.values import Change, ExportedImage, ImageInfo, LayerInfo, MountInfo, Status
 
 _BUS = "org.freedesktop.DBus"
 _PROPERTIES = "org.freedesktop.DBus.Properties"
 _SYSTEMD = "org.freedesktop.systemd1"
+_KIND_ORDER = {"D": 0, "C": 1, "A": 2}  # Diff's order for one path: a replaced directory is D then A
 _GONE = {"org.freedesktop.DBus.Error.UnknownObject", "org.freedesktop.DBus.Error.UnknownInterface",
          "org.freedesktop.DBus.Error.UnknownMethod"}
 
@@ -234,6 +235,11 @@ class AsyncClient:
         props = _plain(props)
         return props.get("ActiveState"), props.get("SubState"), _plain(text) or None
 
+    async def reload(self) -> None:
+        """Apply edits of the declared mounts (mounts.d) and the configuration now, as
+        ``systemctl reload uniond`` does; returns once they are applied."""
+        await self._call("Reload")
+
     async def events(self) -> AsyncEvents:
         """Subscribe to MountAdded / MountRemoved; ``async for event in await client.events()``."""
         if self._bus is None:
@@ -250,8 +256,20 @@ class AsyncClient:
         await self._call("Unmount", "oa{sv}", [path, self._options(lazy=lazy or None)])
 
     async def _diff(self, path: str) -> list[Change]:
-        (changes,) = await self._call("Diff", "oa{sv}", [path, self._options()])
-        return [Change(kind, changed) for kind, changed in changes]
+        """DiffInto through a pipe read meanwhile, not Diff: any number of changes and any
+        name fit, where Diff's one message does not. Sorted as Diff sorts."""
+        changes: list[Change] = []
+        await files.while_reading(lambda fd: self._diff_into(path, fd),
+                                  files.nul_records(lambda record: changes.append(Change.from_record(record))))
+        return sorted(changes, key=lambda c: (c.path, _KIND_ORDER[c.kind]))
+
+    async def _diff_into(self, path: str, file_or_fd: FileOrFd) -> int:
+        return await self._write_into("DiffInto", path, file_or_fd, None)
+
+    async def _update(self, path: str, lowers: Iterable[str | os.PathLike], **options: Any) -> None:
+        if isinstance(lowers, str | os.PathLike):
+            raise TypeError("lowers is a list of directories, top-most first, not one path")
+        await self._call("Update", "oasa{sv}", [path, [_absolute(p) for p in lowers], self._options(**options)])
 
     async def _read_from(self, member: str, file_or_fd: FileOrFd, destdir: str | os.PathLike,
                          progress: Progress | None, **options: Any) -> list[Any]:
@@ -288,62 +306,3 @@ class AsyncClient:
         async with files.watch(progress, files.tree_meter(dest, info.upperdir)):
             (entries,) = await self._call("Commit", "osa{sv}", [info.path, dest, self._options()])
         return entries
-
-
-class AsyncMount(MountProperties):
-    """One mount: its properties as read (``info``, and each as an attribute), and the
-    methods on it. ``async with`` unmounts it at the end of the block."""
-
-    def __init__(self, client: AsyncClient, info: MountInfo) -> None:
-        self.client = client
-        self.info = info
-
-    def __repr__(self) -> str:
-        return f"<uniond mount {self.info.id} at {self.info.mountpoint}>"
-
-    async def refresh(self) -> AsyncMount:
-        """The mount's properties read again (NotFound once it is gone)."""
-        self.info = (await self.client.get(self.path)).info
-        return self
-
-    async def diff(self) -> list[Change]:
-        """What the mount changed relative to its lowers, sorted by path."""
-        return await self.client._diff(self.path)
-
-    async def export(self, file_or_fd: FileOrFd, compression: str | None = None,
-                     progress: Progress | None = None) -> int:
-        """Write the upper as a layer tar into a path, file object or fd; returns the
-        bytes written. ``compression`` "none", "gzip" or "zstd" (default: gzip for a
-        path ending in .gz or .tgz, zstd for .zst or .tzst, else none)."""
-        return await self.client._export(self.path, file_or_fd, compression, progress)
-
-    async def export_layer(self, file_or_fd: FileOrFd, compression: str | None = None,
-                           progress: Progress | None = None) -> LayerInfo:
-        """``export`` answering what a manifest needs: the layer's diff_id, digest,
-        media type, bytes and entries."""
-        return await self.client._export_layer(self.path, file_or_fd, compression, progress)
-
-    async def export_image(self, file_or_fd: FileOrFd, *, compression: str | None = None, config: str | None = None,
-                           name: str | None = None, progress: Progress | None = None) -> ExportedImage:
-        """Write the lowers (bottom-most first) and the upper as a new OCI image layout
-        archive that ``skopeo copy oci-archive:...`` and ``podman load`` read.
-        ``compression`` of the layers (default gzip), ``config`` the image config's
-        JSON to start from (e.g. ``ImageInfo.config``), ``name`` the reference the
-        archive gives the image (e.g. "localhost/app:1")."""
-        return await self.client._export_image(self.path, file_or_fd, progress, compression=compression,
-                                               config=config, name=name)
-
-    async def commit(self, destdir: str | os.PathLike, progress: Progress | None = None) -> int:
-        """Copy the upper into the empty ``destdir`` as a native layer; returns the entries."""
-        return await self.client._commit(self.info, destdir, progress)
-
-    async def unmount(self, lazy: bool = False) -> None:
-        """Unmount; ``lazy`` detaches it now even while in use (``Busy`` otherwise names
-        the processes using it). uniond then removes only what it made itself."""
-        await self.client._unmount(self.path, lazy)
-
-    async def __aenter__(self) -> AsyncMount:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.unmount()

@@ -25,7 +25,8 @@ from uniond.client.clibase import DIRECTORY, MOUNT, Session, cli, command, progr
 @click.option("--upper", type=DIRECTORY, help="Writable layer (none: a read-only mount).")
 @click.option("--mountpoint", type=DIRECTORY, help="Where to mount (none: uniond makes one).")
 @click.option("-o", "--option", "pairs", multiple=True, metavar="KEY=VALUE",
-              help="readonly, volatile, dev, suid (true/false), workdir, description.")
+              help="readonly, volatile, dev, suid (true/false), workdir, description, "
+                   "bind (caller, unit, unit:NAME, session).")
 @click.option("--description", help="Free text kept with the mount.")
 def mount(s: Session, lowers: tuple[str, ...], upper: str | None, mountpoint: str | None,
           pairs: tuple[str, ...], description: str | None) -> None:
@@ -56,15 +57,48 @@ def unmount(s: Session, name: str, lazy: bool) -> None:
 
 @command("diff", "unionctl diff /srv/merged")
 @MOUNT
-def diff(s: Session, name: str) -> None:
-    """What a mount changed, as `docker diff` prints it: A added, C changed, D deleted."""
+@click.option("-z", "--null", is_flag=True, help="End each line with NUL, not newline (for names with newlines).")
+def diff(s: Session, name: str, null: bool) -> None:
+    """What a mount changed, as `docker diff` prints it: A added, C changed, D deleted.
+
+    Any number of changes (read through DiffInto as they come) and any name: a name
+    that is not UTF-8 is printed as its bytes; in --json its "path" shows the bytes that are not UTF-8
+    as \\xNN and "path_base64" holds the exact bytes."""
     m = s.client.find(name)
     changes = m.diff()
     if s.json:
         render.emit_json({"id": m.id, "path": m.path, "changes": [c.as_json() for c in changes]})
-    else:
-        for c in changes:
-            click.echo(f"{c.kind} {c.path}")
+        return
+    end = b"\0" if null else b"\n"
+    out = sys.stdout.buffer
+    for c in changes:
+        out.write(c.kind.encode("ascii") + b" " + c.raw + end)
+    out.flush()
+
+
+@command("update", "unionctl update /srv/merged /srv/image3 /srv/image1")
+@MOUNT
+@click.argument("lowers", nargs=-1, required=True, metavar="LOWER...", type=DIRECTORY)
+@click.option("-o", "--option", "pairs", multiple=True, metavar="KEY=VALUE", help="Update's options (none yet).")
+def update(s: Session, name: str, lowers: tuple[str, ...], pairs: tuple[str, ...]) -> None:
+    """Replace a mount's LOWERs (top-most first) without a moment where its mountpoint
+    is empty (kernel 6.5 or later); the upper, mountpoint and id stay."""
+    m = s.client.find(name).update(lowers, **typed_options(pairs))
+    if s.json:
+        render.emit_json(m.info.as_json())
+    elif s.verbose:
+        click.echo(f"updated {m.id}: {':'.join(m.lowerdirs)}")
+
+
+@command("reload", "unionctl reload")
+def reload(s: Session) -> None:
+    """Apply edits of the declared mounts (mounts.d/*.toml) now, as `systemctl reload
+    uniond` does: new files mount, removed ones unmount, changed ones are swapped."""
+    s.client.reload()
+    if s.json:
+        render.emit_json({"reloaded": True})
+    elif s.verbose:
+        click.echo("reloaded")
 
 
 @command("export", "unionctl export /srv/merged -o layer.tar.gz")
@@ -132,7 +166,9 @@ def commit(s: Session, name: str, destdir: str) -> None:
 
 @command("list", "unionctl list --json")
 def list_(s: Session) -> None:
-    """The mounts: id, mountpoint, layers (top-most first), upper, owner, created."""
+    """The mounts: id, mountpoint, layers (top-most first), upper, owner, created, and
+    flags: declared=NAME (a mounts.d file), bound=WHAT (the bind option), detached
+    (lazily unmounted, still in use)."""
     infos = [m.info for m in s.client.mounts()]
     if s.json:
         render.emit_json({"mounts": [i.as_json() for i in infos]})

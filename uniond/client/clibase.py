@@ -63,8 +63,11 @@ def cli() -> None:
     """Ask uniond for union mounts, their changes and their layers.
 
     \b
-    Example:
-      unionctl mount /srv/image2 /srv/image1 --upper /srv/upper
+    Examples:
+      unionctl mount /srv/image2 /srv/image1 --upper /srv/upper --mountpoint /srv/merged
+      unionctl diff /srv/merged
+      unionctl update /srv/merged /srv/image3 /srv/image1
+      unionctl list --json
     """
 
 

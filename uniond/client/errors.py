@@ -19,13 +19,14 @@ from uniond.errors import (
     NotAuthorizedDismissed,
     NotFound,
     NotPermitted,
+    NotSupported,
     UniondError,
 )
 
 __all__ = [
     "AlreadyMounted", "BusError", "Busy", "Failed", "InvalidArgument", "NotAuthorized",
-    "NotAuthorizedCanObtain", "NotAuthorizedDismissed", "NotFound", "NotPermitted", "UniondError",
-    "from_dbus",
+    "NotAuthorizedCanObtain", "NotAuthorizedDismissed", "NotFound", "NotPermitted", "NotSupported",
+    "UniondError", "from_dbus",
 ]
 
 NO_SERVER = "org.freedesktop.DBus.Error.NoServer"
@@ -44,7 +45,7 @@ class BusError(UniondError):
 _BY_NAME: dict[str, type[UniondError]] = {
     cls.dbus_name: cls
     for cls in (AlreadyMounted, Busy, Failed, InvalidArgument, NotAuthorized, NotAuthorizedCanObtain,
-                NotAuthorizedDismissed, NotFound, NotPermitted)
+                NotAuthorizedDismissed, NotFound, NotPermitted, NotSupported)
 }
 
 

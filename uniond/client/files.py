@@ -13,8 +13,12 @@ import asyncio
 import contextlib
 import os
 import stat
-from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import IO, Any, TypeVar
+
+T = TypeVar("T")
+Progress = Callable[[int, int | None], None]  # (bytes done, bytes in all or None)
+FileOrFd = int | IO[bytes] | str | os.PathLike
 
 Meter = Callable[[], tuple[int, int | None] | None]  # (done, total), or None when unknown
 
@@ -117,3 +121,52 @@ async def watch(progress: Callable[[int, int | None], None] | None, meter: Meter
         with contextlib.suppress(asyncio.CancelledError):
             await task
     await report()
+
+
+async def while_reading(call: Callable[[int], Awaitable[T]], sink: Callable[[bytes], None]) -> T:
+    """``call(fd)`` with the write end of a new pipe, handing ``sink`` what arrives on the
+    read end while the call runs (a pipe holds 64 KiB: a writer the client did not read
+    would wait for ever), then the rest; answers the call's answer.
+
+    The client's own write end is closed once the reply came, as it must stay open until
+    the message carrying it has been sent; the daemon has closed its copy by then, so the
+    read end reaches its end.
+    """
+    r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    loop = asyncio.get_running_loop()
+
+    def drain() -> None:
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(r, 1 << 16):
+                sink(chunk)
+
+    try:
+        loop.add_reader(r, drain)
+        try:
+            answer = await call(w)
+        finally:
+            loop.remove_reader(r)
+            os.close(w)
+            w = -1
+        os.set_blocking(r, True)
+        while chunk := os.read(r, 1 << 16):
+            sink(chunk)
+        return answer
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+def nul_records(record: Callable[[bytes], None]) -> Callable[[bytes], None]:
+    """A sink for ``while_reading`` that hands ``record`` each NUL-terminated record."""
+    partial = bytearray()
+
+    def feed(chunk: bytes) -> None:
+        partial.extend(chunk)
+        *whole, rest = bytes(partial).split(b"\0")
+        partial[:] = rest
+        for each in whole:
+            record(each)
+
+    return feed

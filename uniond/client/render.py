@@ -67,10 +67,12 @@ def local_time(info: MountInfo) -> str:
 
 
 def table(mounts: Sequence[MountInfo]) -> str:
-    """``unionctl list``: id, mountpoint, layers (lowers, top-most first), upper, owner, created."""
-    rows = [("ID", "MOUNTPOINT", "LAYERS", "UPPER", "OWNER", "CREATED")]
+    """``unionctl list``: id, mountpoint, layers (lowers, top-most first), upper, owner,
+    created, flags (``MountInfo.flags``)."""
+    rows = [("ID", "MOUNTPOINT", "LAYERS", "UPPER", "OWNER", "CREATED", "FLAGS")]
     for m in mounts:
-        rows.append((m.id, m.mountpoint, ":".join(m.lowerdirs), m.upperdir or "-", owner_name(m.owner), local_time(m)))
+        rows.append((m.id, m.mountpoint, ":".join(m.lowerdirs), m.upperdir or "-", owner_name(m.owner), local_time(m),
+                     m.flags))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join([*(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[-1]]) for row in rows]
     return "\n".join(lines)

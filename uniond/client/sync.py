@@ -98,6 +98,10 @@ class Client:
         """Version, mount count and, when systemd runs uniond, its unit's state."""
         return self._run(self.aio.status())
 
+    def reload(self) -> None:
+        """Apply edits of the declared mounts and the configuration (``Reload()``)."""
+        self._run(self.aio.reload())
+
     def events(self) -> Events:
         """MountAdded / MountRemoved from now on: ``for event in client.events(): ...``."""
         return Events(self, self._run(self.aio.events()))
@@ -125,8 +129,17 @@ class Mount(MountProperties):
         return self
 
     def diff(self) -> list[Change]:
-        """What the mount changed relative to its lowers (A/C/D and a path), sorted."""
+        """What the mount changed relative to its lowers (A/C/D and a path), sorted; any size."""
         return self.client._run(self.aio.diff())
+
+    def diff_into(self, file_or_fd: FileOrFd) -> int:
+        """Write the changes as ``KIND SPACE PATH NUL`` records; returns how many (see ``AsyncMount.diff_into``)."""
+        return self.client._run(self.aio.diff_into(file_or_fd))
+
+    def update(self, lowers: Iterable[str | os.PathLike], **options: Any) -> Mount:
+        """Replace the lowers (top-most first) without a gap (see ``AsyncMount.update``)."""
+        self.client._run(self.aio.update(lowers, **options))
+        return self
 
     def export(self, file_or_fd: FileOrFd, compression: str | None = None, progress: Progress | None = None) -> int:
         """Write the upper as a layer tar; returns the bytes written (see ``AsyncMount.export``)."""

@@ -6,6 +6,7 @@ The same names are unionctl's ``--json`` fields (``as_json``), so a script that 
 
 from __future__ import annotations
 
+import base64
 import datetime
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,10 @@ class MountInfo:
     owner: int  # uid of the caller that asked for it
     created_us: int  # µs since the epoch
     options: dict[str, Any] = field(default_factory=dict)
+    name: str = ""  # a declared mount's NAME (mounts.d/NAME.toml), else ""
+    persistent: bool = False  # declared: brought up whenever uniond runs
+    bound_to: str = ""  # what the `bind` option tied it to ("unit:app.service"), else ""
+    detached: bool = False  # lazily unmounted, still in use by processes inside
 
     @classmethod
     def from_properties(cls, path: str, props: dict[str, Any]) -> MountInfo:
@@ -34,6 +39,9 @@ class MountInfo:
             id=props["Id"], path=path, mountpoint=props["Mountpoint"], lowerdirs=tuple(props["LowerDirs"]),
             upperdir=props["UpperDir"], workdir=props["WorkDir"], readonly=bool(props["ReadOnly"]),
             owner=int(props["Owner"]), created_us=int(props["Created"]), options=dict(props["Options"]),
+            # .get: a daemon from before lifetimes and declared mounts has none of these.
+            name=props.get("Name", ""), persistent=bool(props.get("Persistent", False)),
+            bound_to=props.get("BoundTo", ""), detached=bool(props.get("Detached", False)),
         )
 
     @property
@@ -45,8 +53,16 @@ class MountInfo:
             "id": self.id, "path": self.path, "mountpoint": self.mountpoint, "lowerdirs": list(self.lowerdirs),
             "upperdir": self.upperdir, "workdir": self.workdir, "readonly": self.readonly, "owner": self.owner,
             "created_us": self.created_us, "created": self.created.isoformat(timespec="seconds"),
-            "options": self.options,
+            "options": self.options, "name": self.name, "persistent": self.persistent,
+            "bound_to": self.bound_to, "detached": self.detached,
         }
+
+    @property
+    def flags(self) -> str:
+        """``unionctl list``'s FLAGS: declared=NAME, bound=WHAT, detached; "-" for none."""
+        flags = [f"declared={self.name}" if self.persistent else "", f"bound={self.bound_to}" if self.bound_to else "",
+                 "detached" if self.detached else ""]
+        return ",".join(f for f in flags if f) or "-"
 
 
 class MountProperties:
@@ -103,16 +119,57 @@ class MountProperties:
         """The options the mount was asked with (description, volatile, ...)."""
         return self.info.options
 
+    @property
+    def name(self) -> str:
+        """A declared mount's NAME (its mounts.d/NAME.toml); "" for others."""
+        return self.info.name
+
+    @property
+    def persistent(self) -> bool:
+        """True for a declared mount, which uniond brings up whenever it runs."""
+        return self.info.persistent
+
+    @property
+    def bound_to(self) -> str:
+        """What the ``bind`` option tied the mount to (caller:…, unit:…, session:…); "" if unbound."""
+        return self.info.bound_to
+
+    @property
+    def detached(self) -> bool:
+        """Unmounted lazily and gone from the mountpoint, still used by processes inside."""
+        return self.info.detached
+
 
 @dataclass(frozen=True)
 class Change:
-    """One line of a Diff, as ``docker diff`` prints it: kind A, C or D, and a path."""
+    """One line of a Diff, as ``docker diff`` prints it: kind A, C or D, and a path.
+
+    ``path`` is text; a name that is not UTF-8 comes decoded with surrogateescape (as
+    ``os.fsdecode`` does), so ``raw`` gives back its bytes as they are on disk.
+    """
 
     kind: str
     path: str
 
+    @property
+    def raw(self) -> bytes:
+        """The path's bytes, as on disk."""
+        return self.path.encode("utf-8", "surrogateescape")
+
     def as_json(self) -> dict[str, str]:
-        return {"kind": self.kind, "path": self.path}
+        """``kind`` and ``path``; for a name that is not UTF-8, ``path`` shows the bytes
+        that are not UTF-8 as ``\\xNN`` (for reading only) and ``path_base64`` holds the exact bytes."""
+        raw = self.raw
+        try:
+            return {"kind": self.kind, "path": raw.decode("utf-8")}
+        except UnicodeDecodeError:
+            return {"kind": self.kind, "path": raw.decode("utf-8", "backslashreplace"),
+                    "path_base64": base64.b64encode(raw).decode("ascii")}
+
+    @classmethod
+    def from_record(cls, record: bytes) -> Change:
+        """One DiffInto record, ``KIND SPACE PATH`` (its NUL taken off)."""
+        return cls(record[:1].decode("ascii"), record[2:].decode("utf-8", "surrogateescape"))
 
 
 @dataclass(frozen=True)

@@ -30,13 +30,8 @@ from uniond.mounts.manager import MountManager
 from uniond.mounts.records import MountRecord
 from uniond.service import privatebus, wire
 from uniond.service.connection import UniondBus
-from uniond.service.interfaces import (
-    ManagerInterface,
-    MountInterface,
-    close_unclaimed_fds,
-    mount_path,
-    signature_helper,
-)
+from uniond.service.interfaces import ManagerInterface, close_unclaimed_fds, mount_path, signature_helper
+from uniond.service.mountobject import MountInterface
 from uniond.service.peers import BusPeers
 
 log = logging.getLogger(__name__)
