@@ -42,6 +42,7 @@ MOUNT_STEPS = ("mount.intended", "mount.workdir-made", "mount.marked", "mount.at
 UNMOUNT_STEPS = ("unmount.unmounted", "cleanup.workdir-cleared")
 COMMIT_STEPS = ("commit.frozen", "commit.copied")
 IMPORT_STEPS = ("import.claimed", "import.written")
+UPDATE_STEPS = ("update.intended", "update.replaced")
 RECONCILE_STEPS = ("reconcile.loaded", "reconcile.cleaned", "reconcile.compacting")
 MOUNT_KINDS = ("rw", "ro", "bind")
 JOURNAL_DAMAGE = ("truncated", "non-utf8", "wrong-type", "deleted", "emptied", "random-bytes", "duplicated",
@@ -261,6 +262,22 @@ class World:
         dest.mkdir()
         self.call("Commit", "osa{sv}", [path, str(dest), {}])
 
+    def update(self, path: str | None = None) -> None:
+        """Update an overlay's lowers to another pair (a bind view stays as it is)."""
+        if path is None:
+            overlays = [p for p in self.list() if len(self.props(p)["LowerDirs"]) > 1]
+            if not overlays:
+                return
+            path = self.rng.choice(overlays)
+        props = self.props(path)
+        if props.get("Detached") or len(props["LowerDirs"]) < 2:
+            return
+        current = list(props["LowerDirs"])
+        choices = [[str(a), str(b)] for a in self.lowers for b in self.lowers if a != b]
+        lowers = self.rng.choice([c for c in choices if c != current])
+        self.call("Update", "oasa{sv}", [path, lowers, {}])
+        self.figures.faults["update"] += 1
+
     def import_layer(self) -> None:
         self.serial += 1
         dest = self.base / "dest" / f"i{self.serial}"
@@ -270,8 +287,8 @@ class World:
 
     def random_operation(self) -> None:
         operation = self.rng.choices(
-            [self.mount, self.write, self.unmount, self.commit, self.import_layer, self.list],
-            weights=[5, 3, 3, 1, 1, 1],
+            [self.mount, self.write, self.unmount, self.commit, self.import_layer, self.update, self.list],
+            weights=[5, 3, 3, 1, 1, 1, 1],
         )[0]
         if operation is self.unmount:
             self.unmount(lazy=self.rng.random() < 0.1)
@@ -330,6 +347,8 @@ class World:
                 self.commit(self.mount("rw", auto))
             elif step in IMPORT_STEPS:
                 self.import_layer()
+            elif step in UPDATE_STEPS:
+                self.update(self.mount(kind, auto))
         try:
             self.daemon.process.wait(timeout=15)
         except subprocess.TimeoutExpired:
@@ -445,6 +464,7 @@ class World:
         f.checks += 1
         table = self._ours_in_table()
         at = Counter(e.mountpoint for e in table)
+        tops = {e.mountpoint: e for e in table}
         for mountpoint, n in at.items():
             if n > 1:
                 f.violation("doubled", f"{n} mounts at {mountpoint}")
@@ -463,6 +483,13 @@ class World:
                 f.violation("object-without-mount", f"{path} at {props['Mountpoint']}")
             elif not props["ReadOnly"] and os.statvfs(props["Mountpoint"]).f_flag & os.ST_RDONLY:
                 f.violation("left-read-only", f"{path} at {props['Mountpoint']}")
+            else:
+                entry = tops[props["Mountpoint"]]
+                shown = entry.option_values("lowerdir")
+                if props["UpperDir"] and props["ReadOnly"]:
+                    shown = shown[1:]
+                if entry.fstype == "overlay" and shown != list(props["LowerDirs"]):
+                    f.violation("stack-mismatch", f"{path}: LowerDirs {props['LowerDirs']}, the kernel {shown}")
         for mountpoint in at:
             if mountpoint not in named:
                 f.violation("orphaned", f"a mount at {mountpoint} that no object names")
@@ -531,6 +558,9 @@ def campaign(base: Path, kills: int, seed: int = 0, rounds_between_cleanups: int
                 world.crash_at(step, kind, auto=kind == "rw")
         for step in COMMIT_STEPS + IMPORT_STEPS + RECONCILE_STEPS:
             world.crash_at(step)
+        for step in UPDATE_STEPS:
+            for kind in ("rw", "ro"):
+                world.crash_at(step, kind, auto=kind == "rw")
         world.unmount_everything()
         for i in range(kills):
             world.random_kill()

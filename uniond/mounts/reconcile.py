@@ -77,14 +77,17 @@ def reconcile(
             progress()
             last_progress = time.monotonic()
         entry = at.get(record.spec.mountpoint)
-        if record.boot_id == boot_id and record.mnt_id in held:
+        live_here = entry is not None and not record.detached and is_ours(record, entry)
+        # An Update's intent names the old stack, which its swap detached: when the new
+        # stack is found at the mountpoint, that one is the mount.
+        if record.boot_id == boot_id and record.mnt_id in held and not live_here:
             record = dataclasses.replace(record, detached=True)
             live[record.id] = record
             adopted.append(record.id)
             log.info("mount %s: adopted as detached, still used by %s", record.id,
                      ", ".join(map(str, held[record.mnt_id])))
-        elif record.boot_id == boot_id and entry is not None and not record.detached and is_ours(record, entry):
-            record = dataclasses.replace(record, mnt_id=entry.mnt_id)
+        elif record.boot_id == boot_id and live_here:
+            record = as_in_kernel(dataclasses.replace(record, mnt_id=entry.mnt_id), entry)
             live[record.id] = record
             adopted.append(record.id)
             # The first ones at info; past that, a start with 10,000 mounts would write
@@ -114,9 +117,10 @@ def reconcile(
 
 
 def is_ours(record: MountRecord, entry: mountinfo.MountEntry) -> bool:
-    if record.mnt_id:
-        return entry.mnt_id == record.mnt_id
-    # A crash between mount and the record's completion: recognise it by its layers.
+    if record.mnt_id and entry.mnt_id == record.mnt_id:
+        return True
+    # A crash between mount (or an Update's swap) and the record's completion: the
+    # kernel's id is not the recorded one, so recognise the mount by its layers.
     spec = record.spec
     if spec.upperdir and not spec.readonly:
         return entry.fstype == "overlay" and entry.option_values("upperdir") == [spec.upperdir]
@@ -127,6 +131,23 @@ def is_ours(record: MountRecord, entry: mountinfo.MountEntry) -> bool:
     lowers = entry.option_values("lowerdir")  # and lowerdir+
     layers = [spec.upperdir, *spec.lowerdirs] if spec.upperdir else list(spec.lowerdirs)
     return entry.fstype == "overlay" and lowers[-len(layers) :] == layers
+
+
+def as_in_kernel(record: MountRecord, entry: mountinfo.MountEntry) -> MountRecord:
+    """The record with the lowers the kernel shows: an Update cut short by a crash
+    leaves the record of one stack and the kernel holding the other, and the kernel's
+    is what callers see."""
+    if entry.fstype != "overlay":
+        return record
+    spec = record.spec
+    shown = entry.option_values("lowerdir")
+    if spec.upperdir and spec.readonly and shown[:1] == [spec.upperdir]:
+        shown = shown[1:]  # a read-only view of a writable layer: the upper is the top lower
+    if not shown or tuple(shown) == spec.lowerdirs:
+        return record
+    log.warning("mount %s: the kernel holds the lowers %s, not the recorded ones (an Update cut short); "
+                "taking the kernel's", record.id, ":".join(shown))
+    return dataclasses.replace(record, spec=dataclasses.replace(spec, lowerdirs=tuple(shown)))
 
 
 def _thaw_if_frozen(record: MountRecord) -> None:

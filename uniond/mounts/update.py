@@ -28,7 +28,7 @@ from uniond.constants import ACTION_MOUNT, ACTION_MOUNT_ANY, ACTION_UNMOUNT_OTHE
 from uniond.errors import Busy, Failed, InvalidArgument, NotSupported
 from uniond.kernel import holders, syscalls
 from uniond.kernel import overlay as engine
-from uniond.mounts import options, plan
+from uniond.mounts import crash, options, plan
 from uniond.mounts.plan import MAX_LOWERS
 from uniond.mounts.records import MountRecord
 
@@ -123,8 +123,13 @@ def swap(manager: MountManager, old: MountRecord, new: MountRecord, lower_fds: t
                 workdir=open_(spec.workdir) if spec.workdir else None,
                 mountpoint=open_(spec.mountpoint),
             )
-            manager.store.intend(dataclasses.replace(new, mnt_id=0))  # C1: durable before the change
+            # C1: durable before the change. The intent keeps the old stack's kernel id: a
+            # crash before the swap finds that stack and adopts it (its lowers read back from
+            # the kernel), one after it finds the new stack by its layers.
+            manager.store.intend(dataclasses.replace(new, mnt_id=old.mnt_id))
+            crash.point("update.intended")
             mnt_id = engine.replace(new.spec, fds, old.mnt_id)
+            crash.point("update.replaced")
     except OSError as e:
         manager.store.update(old)  # the record stays as it was
         if writable:
