@@ -561,6 +561,8 @@ def campaign(base: Path, kills: int, seed: int = 0, rounds_between_cleanups: int
         for step in UPDATE_STEPS:
             for kind in ("rw", "ro"):
                 world.crash_at(step, kind, auto=kind == "rw")
+                # The journal lost after such a restart: the marks alone must know the stack.
+                world.damage_journal("emptied")
         world.unmount_everything()
         for i in range(kills):
             world.random_kill()

@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 import logging
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -151,7 +151,9 @@ class MountManager:
             plan.recheck(checked, self.holdings, self.kernel)
             record = dataclasses.replace(checked.record, name=name, persistent=True)
             checked = dataclasses.replace(checked, record=record)
-            self._intend(record, durable=True)
+            self.holdings.add(record)
+            with self._recording(record):
+                self.store.intend(record, durable=True)
             try:
                 mnt_id = steps.attach(checked, self.marks)
             except BaseException as e:
@@ -207,15 +209,10 @@ class MountManager:
 
     async def _make(self, checked: plan.Plan) -> MountRecord:
         record = checked.record
-        self._intend(record, durable=False)
-        try:
+        self.holdings.add(record)
+        with self._recording(record):
+            self.store.intend(record, durable=False)
             await self._sync.durable(alone=not self.others_waiting())  # C1: durable before anything exists
-        except NotRecorded as e:
-            self.holdings.remove(record)
-            raise NotRecorded(f"uniond could not record the mount, so it made none: {e}") from None
-        except BaseException:
-            self.holdings.remove(record)
-            raise
         crash.point("mount.intended")
         try:
             mnt_id = await self._in_thread(steps.attach, checked, self.marks)
@@ -223,12 +220,12 @@ class MountManager:
             raise self._refused(record, e) from None
         return self._made(record, mnt_id)
 
-    def _intend(self, record: MountRecord, durable: bool) -> None:
-        """Hold what the mount will use and note the intent (C1); ``durable`` syncs it
-        here, otherwise the caller has it synced with the Mounts that arrive together."""
-        self.holdings.add(record)
+    @contextlib.contextmanager
+    def _recording(self, record: MountRecord) -> Iterator[None]:
+        """Around the intent (C1): if it cannot be made durable, what the Mount holds is
+        let go, and the caller is told that nothing was made."""
         try:
-            self.store.intend(record, durable=durable)
+            yield
         except NotRecorded as e:
             self.holdings.remove(record)
             raise NotRecorded(f"uniond could not record the mount, so it made none: {e}") from None

@@ -52,7 +52,8 @@ def reconcile(
     crash.point("reconcile.loaded")
     table = mountinfo.read()
     # C4: what the journal lost (a damaged line, a full disk), the marks still know.
-    for record in {**marked_workdirs(table), **marks.load()}.values():
+    marked = marks.load()
+    for record in {**marked_workdirs(table), **marked}.values():
         if record.id not in recorded:
             recorded[record.id] = record
             log.warning("mount %s: not in the journal; recovered from its mark (%s)", record.id,
@@ -89,6 +90,11 @@ def reconcile(
         elif record.boot_id == boot_id and live_here:
             record = as_in_kernel(dataclasses.replace(record, mnt_id=entry.mnt_id), entry)
             live[record.id] = record
+            if record.id in marked and marked[record.id] != record:
+                # A crash between an Update's swap and its new mark left the old stack's
+                # mark: were the journal lost later, that mark would no longer recognise
+                # the mount (C4), so it is brought up to date now.
+                _remark(marks, record)
             adopted.append(record.id)
             # The first ones at info; past that, a start with 10,000 mounts would write
             # 10,000 lines (a tenth of its time): the rest at debug, and the count at info.
@@ -148,6 +154,13 @@ def as_in_kernel(record: MountRecord, entry: mountinfo.MountEntry) -> MountRecor
     log.warning("mount %s: the kernel holds the lowers %s, not the recorded ones (an Update cut short); "
                 "taking the kernel's", record.id, ":".join(shown))
     return dataclasses.replace(record, spec=dataclasses.replace(spec, lowerdirs=tuple(shown)))
+
+
+def _remark(marks: Marks, record: MountRecord) -> None:
+    try:
+        marks.put(record)
+    except OSError as e:  # a full disk: the journal's record still recognises it
+        log.warning("mount %s: its mark could not be updated: %s", record.id, e)
 
 
 def _thaw_if_frozen(record: MountRecord) -> None:
