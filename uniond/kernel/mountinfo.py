@@ -27,6 +27,7 @@ class MountEntry:
     fstype: str
     source: str
     super_options: tuple[str, ...]
+    parent_id: int = 0  # the mount this one is attached to (M10: stacked mounts name each other)
 
     def option_values(self, key: str) -> list[str]:
         """Values of ``key=`` (and ``key+=``) in the superblock options, in order."""
@@ -64,6 +65,7 @@ def parse(text: str, fstype: str = "") -> list[MountEntry]:
                 fstype=rest[0],
                 source=unescape(rest[1]),
                 super_options=tuple(opts),
+                parent_id=int(fields[1]),
             )
         )
     return entries

@@ -10,7 +10,7 @@ import contextlib
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from uniond.kernel import mountinfo, syscalls
@@ -61,7 +61,7 @@ def mount(spec: MountSpec, fds: LayerFds | None = None) -> int:
         os.close(mount_fd)
 
 
-def replace(spec: MountSpec, fds: LayerFds, old_mnt_id: int) -> int:
+def replace(spec: MountSpec, fds: LayerFds, old_mnt_id: int, between: Callable[[], None] | None = None) -> int:
     """Put a new overlay for ``spec`` in place of the mount ``old_mnt_id`` with no gap.
 
     The new mount goes beneath the old one on the same mountpoint (M10), then the old
@@ -69,7 +69,8 @@ def replace(spec: MountSpec, fds: LayerFds, old_mnt_id: int) -> int:
     process looking at the mountpoint sees the old tree or the new one, never the
     empty directory below. ``fds.mountpoint`` must be open on the old mount's root.
     Returns the new mount's id; if the kernel refuses the new overlay, the old mount
-    is left exactly as it was.
+    is left exactly as it was. ``between`` runs between the two steps (the fault
+    harness kills the daemon there).
     """
     on_top = syscalls.mount_identity("", fds.mountpoint)
     if on_top != (old_mnt_id, True):
@@ -80,6 +81,8 @@ def replace(spec: MountSpec, fds: LayerFds, old_mnt_id: int) -> int:
         syscalls.move_mount_beneath(mount_fd, fds.mountpoint)
     finally:
         os.close(mount_fd)
+    if between is not None:
+        between()
     unmount(spec.mountpoint, lazy=True, mnt_id=old_mnt_id)
     return new_mnt_id
 

@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -58,7 +59,8 @@ def reconcile(
             recorded[record.id] = record
             log.warning("mount %s: not in the journal; recovered from its mark (%s)", record.id,
                         record.spec.mountpoint)
-    at = {e.mountpoint: e for e in table}  # the last (top-most) mount wins
+    at = _tops(table)
+    stacked = Counter(e.mountpoint for e in table)
     in_table = {e.mnt_id for e in table}
     workdirs_in_use = {w for e in table if e.fstype == "overlay" for w in e.option_values("workdir")}
     # M12: a mount of this boot that is in no table but still held by a process was
@@ -78,6 +80,8 @@ def reconcile(
             progress()
             last_progress = time.monotonic()
         entry = at.get(record.spec.mountpoint)
+        if entry is not None and stacked[entry.mountpoint] > 1 and entry.mnt_id == record.mnt_id:
+            entry = _finish_update(record, entry, [e for e in table if e.mountpoint == entry.mountpoint])
         live_here = entry is not None and not record.detached and is_ours(record, entry)
         # An Update's intent names the old stack, which its swap detached: when the new
         # stack is found at the mountpoint, that one is the mount.
@@ -154,6 +158,39 @@ def as_in_kernel(record: MountRecord, entry: mountinfo.MountEntry) -> MountRecor
     log.warning("mount %s: the kernel holds the lowers %s, not the recorded ones (an Update cut short); "
                 "taking the kernel's", record.id, ":".join(shown))
     return dataclasses.replace(record, spec=dataclasses.replace(spec, lowerdirs=tuple(shown)))
+
+
+def _tops(table: list[mountinfo.MountEntry]) -> dict[str, mountinfo.MountEntry]:
+    """The mount a path shows, for each mountpoint: of mounts stacked on one path, the one
+    no other of them is attached to (M10: a mount moved beneath another becomes its
+    parent, so the table's order alone does not tell)."""
+    tops: dict[str, mountinfo.MountEntry] = {}
+    parents = {(e.mountpoint, e.parent_id) for e in table}
+    for e in table:
+        if e.mountpoint not in tops or (e.mountpoint, e.mnt_id) not in parents:
+            tops[e.mountpoint] = e
+    return tops
+
+
+def _finish_update(
+    record: MountRecord, top: mountinfo.MountEntry, stack: list[mountinfo.MountEntry]
+) -> mountinfo.MountEntry:
+    """An Update killed between its two steps leaves its new stack beneath the old one
+    (M10), and its intent naming the old one: finish it, as the intent says, by
+    detaching the old stack (lazily, as the Update would have)."""
+    intent = dataclasses.replace(record, mnt_id=0)
+    for e in stack:
+        if e is not top and is_ours(intent, e):
+            try:
+                engine.unmount(record.spec.mountpoint, True, top.mnt_id)
+            except OSError as err:
+                log.warning("mount %s: an Update was cut short, and its old stack could not be detached: %s",
+                            record.id, err)
+                return top
+            log.warning("mount %s: an Update was cut short between its two steps; finished it (the old stack "
+                        "is detached, the new one is the mount)", record.id)
+            return e
+    return top
 
 
 def _remark(marks: Marks, record: MountRecord) -> None:

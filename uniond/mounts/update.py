@@ -128,7 +128,7 @@ def swap(manager: MountManager, old: MountRecord, new: MountRecord, lower_fds: t
             # the kernel), one after it finds the new stack by its layers.
             manager.store.intend(dataclasses.replace(new, mnt_id=old.mnt_id))
             crash.point("update.intended")
-            mnt_id = engine.replace(new.spec, fds, old.mnt_id)
+            mnt_id = engine.replace(new.spec, fds, old.mnt_id, lambda: crash.point("update.beneath"))
             crash.point("update.replaced")
     except OSError as e:
         manager.store.update(old)  # the record stays as it was
