@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 from uniond.access.paths import inside
 from uniond.errors import Busy
+
+T = TypeVar("T")
 
 
 class Claims:
@@ -24,14 +27,14 @@ class Claims:
         self._destdirs: set[str] = set()  # being filled by ImportLayer or Commit
 
     @contextmanager
-    def using(self, mount_id: str, check: callable) -> Iterator[None]:
-        """Holds ``mount_id`` against Unmount; ``check`` runs under the lock first (it
-        raises NotFound for a mount that has gone meanwhile)."""
+    def using(self, mount_id: str, find: Callable[[], T]) -> Iterator[T]:
+        """Holds ``mount_id`` against Unmount and yields what ``find`` returns, called
+        under the lock (it raises NotFound for a mount that has gone meanwhile)."""
         with self._lock:
-            check()
+            found = find()
             self._in_use[mount_id] += 1
         try:
-            yield
+            yield found
         finally:
             with self._lock:
                 self._in_use[mount_id] -= 1

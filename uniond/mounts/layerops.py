@@ -124,8 +124,8 @@ class LayerOperations:
     @contextlib.contextmanager
     def _using(self, mount_id: str):
         """Holds the mount against Unmount while a layer operation reads its upper."""
-        with self.manager.claims.using(mount_id, lambda: self.manager.get(mount_id)):
-            yield self.manager.get(mount_id)
+        with self.manager.claims.using(mount_id, lambda: self.manager.get(mount_id)) as record:
+            yield record
 
     def _upper_of(self, held: contextlib.ExitStack, record: MountRecord) -> str:
         """The mount's upper as a path through a descriptor opened without symlinks

@@ -285,8 +285,7 @@ class MountManager:
             await self._in_thread(steps.take_off, record, lazy)
         finally:
             self._leaving.discard(mount_id)
-        if lazy and record.mnt_id and holders.holding({record.mnt_id}):
-            # M12: the overlay lives on for the processes inside it; its workdir must too.
+        if self._lives_on(record, lazy):
             return self._detach(record, reason)
         self._remove(record)
         removed = await self._in_thread(reconcile.remove_made, record, self.marks)
@@ -305,10 +304,16 @@ class MountManager:
             log.info("mount %s: busy, detaching it lazily", mount_id)
             lazy = True
             steps.take_off(record, lazy)
-        if lazy and record.mnt_id and holders.holding({record.mnt_id}):
+        if self._lives_on(record, lazy):
             return self._detach(record, reason)
         self._remove(record)
         return self._unmounted(record, reconcile.remove_made(record, self.marks), reason)
+
+    @staticmethod
+    def _lives_on(record: MountRecord, lazy: bool) -> bool:
+        """M12: a lazily detached overlay lives on for the processes inside it; its
+        workdir must too."""
+        return lazy and bool(record.mnt_id) and bool(holders.holding({record.mnt_id}))
 
     def _unmounted(self, record: MountRecord, removed: bool, reason: str) -> MountRecord:
         """The mount is off the kernel and out of the holdings: drop or keep its record."""
