@@ -214,28 +214,34 @@ def clear_workdir(workdir: str, remove_dir: bool, marker: str = "") -> None:
     """Remove what overlayfs put in ``workdir`` and, if the daemon made it, the directory
     (and the ``marker`` file it left there, C4).
 
-    Only the kernel's own entries are removed recursively, never across a mount (C4),
-    after fixing the mode-000 the kernel gives them (C5). The directory itself goes by
-    rmdir, so anything a user put there makes this fail loudly instead of vanishing.
+    The workdir is opened without symlinks and its entries removed through that
+    descriptor. The kernel's own entries are nearly always empty directories, which one
+    rmdir removes whatever their mode (it needs the parent's permission, not theirs) and
+    which fails on a mount point (EBUSY); only one that holds something is removed
+    recursively, never across a mount (C4), after fixing the mode-000 the kernel gives
+    them (C5). The directory itself goes by rmdir, so anything a user put there makes
+    this fail loudly instead of vanishing.
     """
     try:
-        top = os.lstat(workdir)
+        fd = syscalls.open_dir_nofollow(workdir)
     except FileNotFoundError:
         return
-    if not stat.S_ISDIR(top.st_mode):
-        raise OSError(errno.ENOTDIR, f"workdir {workdir} is no longer a directory")
-    for name in _KERNEL_WORKDIR_ENTRIES:
-        path = os.path.join(workdir, name)
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            continue
-        if stat.S_ISDIR(st.st_mode):
-            _remove_tree(path, top.st_dev)
-    if remove_dir:
-        if marker:
+    try:
+        for name in _KERNEL_WORKDIR_ENTRIES:
+            try:
+                os.rmdir(name, dir_fd=fd)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # not the kernel's: a user's file stays (and a made workdir's rmdir says so)
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                _remove_tree(os.path.join(workdir, name), os.fstat(fd).st_dev)
+        if remove_dir and marker:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(workdir, marker))
+                os.unlink(marker, dir_fd=fd)
+    finally:
+        os.close(fd)
+    if remove_dir:
         os.rmdir(workdir)
 
 

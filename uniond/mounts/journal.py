@@ -126,7 +126,7 @@ class StateStore:
         try:
             with open(tmp, "wb") as f:
                 for record in records.values():
-                    _write_all(f.fileno(), _line({"put": record.to_json()}))
+                    _write_all(f.fileno(), put_line(record))
                 os.fsync(f.fileno())
             crash.point("reconcile.compacting")
             os.replace(tmp, self.path)
@@ -149,21 +149,26 @@ class StateStore:
             )
         return self._journal_fd
 
-    def _append(self, entry: dict, durable: bool) -> None:
-        """Append one whole line, or nothing: a short or failed write is cut off again."""
-        data = (b"\n" if self._torn else b"") + _line(entry)
+    def _append(self, data: bytes, durable: bool) -> None:
+        """Append one whole line, or nothing: a short or failed write is cut off again.
+
+        O_APPEND puts the line at the end without asking where that is; only a failure
+        asks (fstat), to cut the file back to where this line began."""
+        if self._torn:
+            data = b"\n" + data
         try:
             fd = self._open()
-            start = os.lseek(fd, 0, os.SEEK_END)
         except OSError as e:
             raise NotRecorded(self._why(e)) from None
+        written = 0
         try:
-            _write_all(fd, data)
+            written = _write_all(fd, data)
             if durable:
                 os.fdatasync(fd)
         except OSError as e:
             try:
-                os.ftruncate(fd, start)
+                written += getattr(e, "written", 0)
+                os.ftruncate(fd, os.fstat(fd).st_size - written)
                 self._torn = False
             except OSError:
                 self._torn = True
@@ -180,7 +185,7 @@ class StateStore:
         ``durable`` false the caller makes it durable with ``sync``, once for several Mounts.
 
         Raises NotRecorded: then nothing may be made, as a crash would orphan it."""
-        self._append({"put": record.to_json()}, durable=durable)
+        self._append(put_line(record), durable=durable)
 
     def sync(self) -> None:
         """Make every line appended so far durable (safe from a thread of its own).
@@ -194,16 +199,16 @@ class StateStore:
     def update(self, record: MountRecord) -> bool:
         """Note a change the kernel already shows (a mount's id, a detach); not synced, as
         reconciliation finds the same from the kernel's table. False if not written."""
-        return self._best_effort({"put": record.to_json()}, record.id)
+        return self._best_effort(put_line(record), record.id)
 
     def drop(self, mount_id: str) -> bool:
         """Forget a mount that is gone and cleaned; if this is lost, the next start finds
         the mount gone and cleans (nothing) again. False if not written."""
-        return self._best_effort({"drop": mount_id}, mount_id)
+        return self._best_effort(_line({"drop": mount_id}), mount_id)
 
-    def _best_effort(self, entry: dict, mount_id: str) -> bool:
+    def _best_effort(self, data: bytes, mount_id: str) -> bool:
         try:
-            self._append(entry, durable=False)
+            self._append(data, durable=False)
         except NotRecorded as e:
             log.warning("mount %s: not recorded in the journal: %s; reconciled at the next start", mount_id, e)
             return False
@@ -219,14 +224,30 @@ def _line(entry: dict) -> bytes:
     return (json.dumps(entry) + "\n").encode()
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    """os.write may write less than asked (a disk filling up): that is an error here."""
+def put_line(record: MountRecord) -> bytes:
+    """The journal line that records ``record``: its JSON form (as its marks hold it,
+    encoded once per record) inside {"put": ...}."""
+    return b'{"put": ' + record.encoded + b"}\n"
+
+
+def _write_all(fd: int, data: bytes) -> int:
+    """os.write may write less than asked (a disk filling up): that is an error here,
+    which carries how much was written (``written``) so that it can be cut off again."""
     view = memoryview(data)
+    done = 0
     while view:
-        written = os.write(fd, view)
+        try:
+            written = os.write(fd, view)
+        except OSError as e:
+            e.written = done  # type: ignore[attr-defined]
+            raise
         if written <= 0:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            e = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            e.written = done  # type: ignore[attr-defined]
+            raise e
+        done += written
         view = view[written:]
+    return done
 
 
 def _sync_directory(directory: str) -> None:

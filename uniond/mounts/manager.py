@@ -282,14 +282,21 @@ class MountManager:
         reason = f"asked by uid {caller.uid}"
         self._leaving.add(mount_id)  # to other calls, from here on, it is gone
         try:
-            await self._in_thread(steps.take_off, record, lazy)
+            removed = await self._in_thread(self._take_off, record, lazy)
         finally:
             self._leaving.discard(mount_id)
-        if self._lives_on(record, lazy):
+        if removed is None:
             return self._detach(record, reason)
         self._remove(record)
-        removed = await self._in_thread(reconcile.remove_made, record, self.marks)
         return self._unmounted(record, removed, reason)
+
+    def _take_off(self, record: MountRecord, lazy: bool) -> bool | None:
+        """The kernel's part of an Unmount and the cleanup after it, in one hand-over to
+        a thread: None if the overlay lives on (M12), else whether all was removed."""
+        steps.take_off(record, lazy)
+        if self._lives_on(record, lazy):
+            return None
+        return reconcile.remove_made(record, self.marks)
 
     def remove(self, mount_id: str, reason: str) -> MountRecord | None:
         """Unmount without a caller (its binding ended, its declaration went), in place

@@ -16,6 +16,7 @@ A daemon-made mountpoint is a mark of its own: ``<runtime>/mounts/<id>`` names i
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from uniond.mounts.records import MountRecord
 log = logging.getLogger(__name__)
 
 WORKDIR_MARKER = ".uniond-mount"
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class Marks:
@@ -36,11 +38,21 @@ class Marks:
         return os.path.join(self.directory, f"{mount_id}.json")
 
     def put(self, record: MountRecord) -> None:
-        """Raises OSError: a mount that cannot be marked is not made."""
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        """Raises OSError: a mount that cannot be marked is not made.
+
+        Written whole under a temporary name, then renamed: a mark is either the old
+        record or the new one, never half of either. The directory is made when a
+        write finds it missing, not checked per call."""
         tmp = self._path(record.id) + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(record.to_json(), f)
+        try:
+            fd = os.open(tmp, _NEW_FILE, 0o600)
+        except FileNotFoundError:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            fd = os.open(tmp, _NEW_FILE, 0o600)
+        try:
+            _write(fd, record.encoded)
+        finally:
+            os.close(fd)
         os.replace(tmp, self._path(record.id))
 
     def drop(self, mount_id: str) -> None:
@@ -68,8 +80,20 @@ class Marks:
 def write_workdir_marker(workdir_fd: int, record: MountRecord) -> None:
     fd = os.open(WORKDIR_MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                  dir_fd=workdir_fd)
-    with open(fd, "w", encoding="utf-8") as f:
-        json.dump(record.to_json(), f)
+    try:
+        _write(fd, record.encoded)
+    finally:
+        os.close(fd)
+
+
+def _write(fd: int, data: bytes) -> None:
+    """The whole of ``data``, or OSError (a short write: the filesystem is full)."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[written:]
 
 
 def marked_workdirs(table: list[mountinfo.MountEntry]) -> dict[str, MountRecord]:

@@ -258,11 +258,18 @@ def remove_made(record: MountRecord, marks: Marks | None = None) -> bool:
             engine.clear_workdir(spec.workdir, remove_dir=record.workdir_created, marker=WORKDIR_MARKER)
             done.append(f"{'removed' if record.workdir_created else 'emptied'} the workdir {spec.workdir}")
         crash.point("cleanup.workdir-cleared")
-        if record.mountpoint_created and os.path.isdir(spec.mountpoint):
-            if engine.is_mount_root(spec.mountpoint):
-                raise OSError(errno.EBUSY, f"{spec.mountpoint} is still a mount point")
-            os.rmdir(spec.mountpoint)
-            done.append(f"removed the mountpoint {spec.mountpoint} it had made")
+        if record.mountpoint_created:
+            try:
+                os.rmdir(spec.mountpoint)  # EBUSY while still a mount point
+                done.append(f"removed the mountpoint {spec.mountpoint} it had made")
+            except FileNotFoundError:
+                pass
+            except NotADirectoryError:
+                pass  # not the directory the daemon made: left alone
+            except OSError as e:
+                if e.errno == errno.EBUSY:
+                    raise OSError(errno.EBUSY, f"{spec.mountpoint} is still a mount point") from None
+                raise
         if marks is not None:
             marks.drop(record.id)
     except OSError as e:

@@ -7,7 +7,9 @@ reboots.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Protocol
 
 from uniond.kernel.overlay import MountSpec
@@ -42,6 +44,12 @@ class MountRecord:
         data["spec"]["lowerdirs"] = list(self.spec.lowerdirs)
         data["options"] = dict(self.options)
         return data
+
+    @cached_property
+    def encoded(self) -> bytes:
+        """to_json as JSON bytes, made once per record: a Mount writes the same record to
+        its journal line, its workdir's marker and its mark (C1, C4)."""
+        return json.dumps(self.to_json()).encode()
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> MountRecord:

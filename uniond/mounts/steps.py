@@ -46,8 +46,11 @@ def attach(checked: plan.Plan, marks: Marks) -> int:
                               "so it made none") from None
         crash.point("mount.marked")
         if record.mountpoint_created:
-            os.makedirs(os.path.dirname(spec.mountpoint), mode=0o755, exist_ok=True)
-            os.mkdir(spec.mountpoint, 0o755)
+            try:
+                os.mkdir(spec.mountpoint, 0o755)
+            except FileNotFoundError:  # the first since the runtime directory was made
+                os.makedirs(os.path.dirname(spec.mountpoint), mode=0o755, exist_ok=True)
+                os.mkdir(spec.mountpoint, 0o755)
             mountpoint_fd = syscalls.open_dir_nofollow(spec.mountpoint)
             made.append(mountpoint_fd)
         else:

@@ -74,6 +74,7 @@ class Daemon:
         self.config = config_mod.load(self.config_path, required=args.config is not None)
         logs.setup(self.config.log_level)
         self.notifier = Notifier()
+        self._status_pending = False  # a status line is to go at the end of this turn
         self.state_dir = _directory("STATE_DIRECTORY", constants.DEFAULT_STATE_DIRECTORY)
         self.runtime_dir = _directory("RUNTIME_DIRECTORY", constants.DEFAULT_RUNTIME_DIRECTORY)
         self.manager = MountManager(StateStore(self.state_dir), self.runtime_dir, self.config)
@@ -203,9 +204,26 @@ class Daemon:
 
     # MountListener: keep systemd's status line current.
     def mount_added(self, record) -> None:
-        self.notifier.status(self.status_line())
+        self._status_soon()
 
     def mount_removed(self, record) -> None:
+        self._status_soon()
+
+    def _status_soon(self) -> None:
+        """Once per turn of the event loop, however many mounts came and went in it:
+        each line is a message systemd reads, and a burst needs only the last."""
+        if self._status_pending:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.notifier.status(self.status_line())
+            return
+        self._status_pending = True
+        loop.call_soon(self._send_status)
+
+    def _send_status(self) -> None:
+        self._status_pending = False
         self.notifier.status(self.status_line())
 
 

@@ -23,6 +23,10 @@ class PriorityFormatter(logging.Formatter):
 
 
 def setup(level: str) -> None:
+    # No line shows them: each record would otherwise ask for its pid, thread and
+    # process names (a system call and two lookups per line, two lines per Mount).
+    logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
+    logging.logAsyncioTasks = False  # Python 3.12+; ignored before
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(PriorityFormatter("%(message)s"))
     root = logging.getLogger()
