@@ -104,6 +104,7 @@ class Daemon:
         os.makedirs(self.state, exist_ok=True)
         os.makedirs(self.run, exist_ok=True)
         self.process: subprocess.Popen | None = None
+        self.command = [sys.executable, "-m", "uniond"]
 
     def start(self, timeout: float = 60) -> float:
         """Seconds from exec to READY=1; raises RuntimeError when it never comes."""
@@ -116,7 +117,7 @@ class Daemon:
                "RUNTIME_DIRECTORY": self.run, "NOTIFY_SOCKET": path}
         log = open(os.path.join(self.top, "daemon.log"), "ab")
         started = time.perf_counter()
-        self.process = subprocess.Popen([sys.executable, "-m", "uniond", "--bus", "system", "--config", "/dev/null"],
+        self.process = subprocess.Popen([*self.command, "--bus", "system", "--config", "/dev/null"],
                                         env=env, stderr=log, cwd=os.path.dirname(os.path.dirname(__file__)))
         log.close()
         notify.settimeout(0.2)

@@ -73,7 +73,9 @@ class MountManager:
         # The kernel calls of Mount and Unmount (umount waits for RCU grace periods, the
         # journal for the disk) run here, not on the event loop, so calls overlap.
         self._threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="uniond-kernel")
-        self._sync = GroupSync(store.sync, self._threads)
+        # The journal's sync has a thread of its own: it waits for the disk, and one runs
+        # at a time anyway (GroupSync), so it never keeps a kernel call waiting for a thread.
+        self._sync = GroupSync(store.sync, ThreadPoolExecutor(max_workers=1, thread_name_prefix="uniond-sync"))
         # Whether another call waits for the event loop (the service knows; without one,
         # assume so): a call alone runs its kernel calls in place, as a thread would only
         # add its hand-over to the time the caller waits.
