@@ -157,10 +157,10 @@ class MountManager:
             with self._recording(record):
                 self.store.intend(record, durable=True)
             try:
-                mnt_id = steps.attach(checked, self.marks)
+                made = steps.attach(checked, self.marks)
             except BaseException as e:
                 raise self._refused(record, e) from None
-            return self._made(record, mnt_id)
+            return self._made(record, made)
 
     async def mount(self, request: MountRequest, caller: Caller) -> MountRecord:
         opts = options.check("Mount", request.options, options.MOUNT_OPTIONS)
@@ -217,10 +217,10 @@ class MountManager:
             await self._sync.durable(alone=not self.others_waiting())  # C1: durable before anything exists
         crash.point("mount.intended")
         try:
-            mnt_id = await self._in_thread(steps.attach, checked, self.marks)
+            made = await self._in_thread(steps.attach, checked, self.marks)
         except BaseException as e:
             raise self._refused(record, e) from None
-        return self._made(record, mnt_id)
+        return self._made(record, made)
 
     @contextlib.contextmanager
     def _recording(self, record: MountRecord) -> Iterator[None]:
@@ -243,24 +243,17 @@ class MountManager:
             return Failed(f"the kernel refused the mount: {error.strerror or error}")
         return error
 
-    def _made(self, record: MountRecord, mnt_id: int) -> MountRecord:
-        self.holdings.remove(record)
-        record = dataclasses.replace(record, mnt_id=mnt_id)
+    def _made(self, intended: MountRecord, record: MountRecord) -> MountRecord:
+        """``record`` is ``intended`` made, with its mount id (and its mark saying so)."""
+        self.holdings.remove(intended)
         # Not written (a full disk): the mount is made and kept all the same, since its
         # synced intent and its marks are what a start recognises it by (C1, C4).
         self.store.update(record)
-        self._remark(record)
         crash.point("mount.recorded")
         self._add(record)
         log.info("mount %s: mounted %s (owner uid %d)", record.id, record.spec.mountpoint, record.owner)
         self._notify("mount_added", record)
         return record
-
-    def _remark(self, record: MountRecord) -> None:
-        try:
-            self.marks.put(record)
-        except OSError as e:  # the intent's mark stays, which recognises the mount too
-            log.warning("mount %s: its mark could not be updated: %s", record.id, e)
 
     def _undo(self, record: MountRecord) -> None:
         if reconcile.cleanup(self.store, record, self.marks):
@@ -339,7 +332,7 @@ class MountManager:
         record = dataclasses.replace(record, detached=True)
         self._add(record)
         self.store.update(record)
-        self._remark(record)
+        self.marks.refresh(record)
         log.info(
             "mount %s: detached from %s (%s); cleaned once its last user has gone",
             record.id, record.spec.mountpoint, reason,
@@ -389,7 +382,7 @@ class MountManager:
         """A mount changed in place (Update): record and mark it, tell the listeners
         which properties of its object changed."""
         self.store.update(record)
-        self._remark(record)
+        self.marks.refresh(record)
         self._remove(self.records[record.id])
         self._add(record)
         self._notify("mount_changed", record, changed)

@@ -55,6 +55,14 @@ class Marks:
             os.close(fd)
         os.replace(tmp, self._path(record.id))
 
+    def refresh(self, record: MountRecord) -> None:
+        """put, for a mount that is made already: a failure (a full disk) is logged, not
+        raised, as the mark it had (or the journal) still recognises it."""
+        try:
+            self.put(record)
+        except OSError as e:
+            log.warning("mount %s: its mark could not be updated: %s", record.id, e)
+
     def drop(self, mount_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path(mount_id))

@@ -98,7 +98,7 @@ def reconcile(
                 # A crash between an Update's swap and its new mark left the old stack's
                 # mark: were the journal lost later, that mark would no longer recognise
                 # the mount (C4), so it is brought up to date now.
-                _remark(marks, record)
+                marks.refresh(record)
             adopted.append(record.id)
             # The first ones at info; past that, a start with 10,000 mounts would write
             # 10,000 lines (a tenth of its time): the rest at debug, and the count at info.
@@ -191,13 +191,6 @@ def _finish_update(
                         "is detached, the new one is the mount)", record.id)
             return e
     return top
-
-
-def _remark(marks: Marks, record: MountRecord) -> None:
-    try:
-        marks.put(record)
-    except OSError as e:  # a full disk: the journal's record still recognises it
-        log.warning("mount %s: its mark could not be updated: %s", record.id, e)
 
 
 def _thaw_if_frozen(record: MountRecord) -> None:

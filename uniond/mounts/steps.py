@@ -10,6 +10,7 @@ answer into the error a caller can act on (Busy naming the holders).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -24,11 +25,12 @@ from uniond.mounts.records import MountRecord
 log = logging.getLogger("uniond.mounts.manager")
 
 
-def attach(checked: plan.Plan, marks: Marks) -> int:
+def attach(checked: plan.Plan, marks: Marks) -> MountRecord:
     """The kernel's part of a Mount (in a thread): what the daemon makes for it, its
-    marks, then the mount."""
+    marks, then the mount; returns the record with the kernel's mount id, its mark
+    brought up to date."""
     record, spec = checked.record, checked.record.spec
-    made: list[int] = []
+    opened: list[int] = []
     try:
         workdir_fd = checked.workdir.fd if checked.workdir is not None else None
         if record.workdir_created:
@@ -36,7 +38,7 @@ def attach(checked: plan.Plan, marks: Marks) -> int:
             name = os.path.basename(spec.workdir)
             os.mkdir(name, 0o700, dir_fd=checked.upper_parent)
             workdir_fd = syscalls.open_dir_nofollow(name, checked.upper_parent)
-            made.append(workdir_fd)
+            opened.append(workdir_fd)
             crash.point("mount.workdir-made")
             write_workdir_marker(workdir_fd, record)
         try:
@@ -52,7 +54,7 @@ def attach(checked: plan.Plan, marks: Marks) -> int:
                 os.makedirs(os.path.dirname(spec.mountpoint), mode=0o755, exist_ok=True)
                 os.mkdir(spec.mountpoint, 0o755)
             mountpoint_fd = syscalls.open_dir_nofollow(spec.mountpoint)
-            made.append(mountpoint_fd)
+            opened.append(mountpoint_fd)
         else:
             assert checked.mountpoint is not None
             mountpoint_fd = checked.mountpoint.fd
@@ -62,11 +64,12 @@ def attach(checked: plan.Plan, marks: Marks) -> int:
             workdir=workdir_fd,
             mountpoint=mountpoint_fd,
         )
-        mnt_id = engine.mount(spec, fds)
+        made = dataclasses.replace(record, mnt_id=engine.mount(spec, fds))
         crash.point("mount.attached")
-        return mnt_id
+        marks.refresh(made)
+        return made
     finally:
-        for fd in made:
+        for fd in opened:
             os.close(fd)
 
 

@@ -42,7 +42,7 @@ _MAX_IOV = 64  # buffers per sendmsg (the kernel takes up to 1024)
 
 class _Writer(_MessageWriter):
     """Queues marshalled messages and writes them in as few system calls as it can:
-    all that one turn of the event loop queued goes in one sendmsg (a Mount's two
+    all that two turns of the event loop queued goes in one sendmsg (a Mount's two
     signals and its reply), a message with descriptors alone with them."""
 
     def __init__(self, bus: MessageBus) -> None:
@@ -61,7 +61,10 @@ class _Writer(_MessageWriter):
             self.buffer_message(msg, future)
         if self.bus.unique_name and not self.waiting and not self.flush_soon:
             self.flush_soon = True
-            self.loop.call_soon(self.write_callback)
+            # Two turns of the loop on: a method's signals are queued in the turn its
+            # task ends, its reply in the next (by the task's done callback), so both
+            # leave in one sendmsg, and the bus is woken once for them.
+            self.loop.call_soon(self.loop.call_soon, self.write_callback)
 
     def write_callback(self) -> None:
         self.flush_soon = False

@@ -11,13 +11,14 @@ import sdnotify
 class Notifier:
     def __init__(self) -> None:
         self._notifier = sdnotify.SystemdNotifier()
+        self._enabled = bool(os.environ.get("NOTIFY_SOCKET"))  # systemd sets it once, at exec
         if self._notifier.socket is not None:
             # A manager that reads slowly must not freeze the event loop (and with it the
             # bus connection): a status line that does not fit is dropped instead.
             self._notifier.socket.setblocking(False)
 
     def send(self, *lines: str) -> None:
-        if os.environ.get("NOTIFY_SOCKET"):
+        if self._enabled:
             self._notifier.notify("\n".join(lines))
 
     def status(self, text: str) -> None:
