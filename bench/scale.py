@@ -21,6 +21,8 @@ Rows (each a repetition pairs a baseline and a uniond figure measured back to ba
   lowers       Mount+Unmount with 1, 10, 100, 500 lowers vs the raw calls with as many
   Diff         Diff / DiffInto of a 100,000-entry upper vs a names-only scandir walk
   layers       ExportDiff / ImportLayer of 100,000 files of 1 KiB vs tar -c / tar -x
+  ... on dbus-fast  latency and throughput again, the real daemon run on dbus-fast in
+               place of dbus-next by bench/uniond_fast.py (bench only; only if installed)
   floor        a service that does nothing but answer Mount and Unmount (and send the
                same signals), under dbus-next and under dbus-fast: the library's own cost
                (bench/floor_service.py; dbus-fast only if installed: pip install dbus-fast)
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import multiprocessing
 import os
 import shutil
@@ -333,6 +336,56 @@ def raw_throughput(lowers: list[str], top: str, clients: int, seconds: float) ->
     return total / seconds
 
 
+def throughput_note(p99: float, errors: int, dcpu: tuple[float, float], ccpu: float, first: str) -> str:
+    return (f"p99 {p99 * 1000:.0f} ms (<= 50), errors {errors}{' (' + first[:60] + ')' if first else ''}, "
+            f"CPU/pair: daemon {sum(dcpu) * 1000:.2f} ms (user {dcpu[0] * 1000:.2f}, system {dcpu[1] * 1000:.2f}), "
+            f"clients {ccpu * 1000:.2f} ms")
+
+
+def on_dbus_fast(top: str, address: str, lowers: list[str], raw: list, upper: str, args, wanted) -> list[Row]:
+    """The latency and throughput rows again, for the real uniond run on dbus-fast by
+    bench/uniond_fast.py (the contract keeps dbus-next; this shows what the fork gives)."""
+    label = "uniond on dbus-fast (bench only)"
+    lat = Row(f"Mount+Unmount latency, {label}", "raw calls + 2 Ping", "ms", "<= 1.5x")
+    tput = Row(f"throughput, {args.clients} clients, {label}", "raw calls", "pairs/s", ">= 1000 pairs/s")
+    chosen = [row for row, name in ((lat, "roundtrip"), (tput, "throughput")) if wanted(name)]
+    if importlib.util.find_spec("dbus_fast") is None:
+        for row in chosen:
+            row.failed = "not measured: dbus-fast is not installed (pip install dbus-fast)"
+        return chosen
+    fast = Daemon(top, address, "fast")
+    fast.command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "uniond_fast.py")]
+    try:
+        for _ in range(args.reps):
+            fast.start()
+            if wanted("roundtrip"):
+                bus = RawBus(address)
+                for _ in range(20):
+                    bus_round_trip(bus, lowers, upper)
+                with profiled(fast, "roundtrip-fast"):
+                    ours = median_of(args.pairs, lambda bus=bus: bus_round_trip(bus, lowers, upper))
+                base = median_of(args.pairs, lambda: raw_round_trip(*raw)) + median_of(
+                    args.pairs, lambda bus=bus: (ping(bus), ping(bus)))
+                bus.close()
+                lat.baselines.append(base * 1000)
+                lat.ours.append(ours * 1000)
+            if wanted("throughput"):
+                tput.baselines.append(raw_throughput(lowers, os.path.join(top, "tp"), args.clients, args.seconds))
+                with profiled(fast, "throughput-fast"):
+                    rate, p99, errors, dcpu, ccpu, first = throughput(
+                        address, fast, lowers, os.path.join(top, "tp"), args.clients, args.seconds)
+                tput.ours.append(rate)
+                tput.note = throughput_note(p99, errors, dcpu, ccpu, first)
+                print(f"  throughput run, {label}: {rate:.0f} pairs/s, {tput.note}", flush=True)
+            fast.stop()
+    except RuntimeError as e:
+        for row in chosen:
+            row.failed = row.failed or f"fails: {e}"
+    finally:
+        fast.stop()
+    return chosen
+
+
 # ---- live mounts --------------------------------------------------------------------
 
 
@@ -529,10 +582,7 @@ def main() -> None:
                         rate, p99, errors, dcpu, ccpu, first = throughput(
                             address, empty, lowers, os.path.join(top, "tp"), args.clients, args.seconds)
                     row.ours.append(rate)
-                    row.note = (f"p99 {p99 * 1000:.0f} ms (<= 50), errors {errors}"
-                                f"{' (' + first[:60] + ')' if first else ''}, CPU/pair: daemon "
-                                f"{sum(dcpu) * 1000:.2f} ms (user {dcpu[0] * 1000:.2f}, system "
-                                f"{dcpu[1] * 1000:.2f}), clients {ccpu * 1000:.2f} ms")
+                    row.note = throughput_note(p99, errors, dcpu, ccpu, first)
                     print(f"  throughput run: {rate:.0f} pairs/s, {row.note}", flush=True)
                 rows.append(row)
 
@@ -607,6 +657,10 @@ def main() -> None:
                 bus.close()
         finally:
             empty.stop()
+
+        # ---- the same daemon on dbus-fast (bench only) ------------------------------------
+        if wanted("roundtrip") or wanted("throughput"):
+            rows += on_dbus_fast(top, address, lowers, raw, upper, args, wanted)
 
         # ---- the library's floor: a service that does nothing but answer --------------------
         if wanted("floor"):
