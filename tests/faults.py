@@ -39,7 +39,7 @@ from uniond import constants
 from uniond.kernel import mountinfo
 
 MOUNT_STEPS = ("mount.intended", "mount.workdir-made", "mount.marked", "mount.attached", "mount.recorded")
-UNMOUNT_STEPS = ("unmount.unmounted", "cleanup.workdir-cleared")
+UNMOUNT_STEPS = ("unmount.marker-dropped", "unmount.unmounted", "cleanup.workdir-cleared")
 COMMIT_STEPS = ("commit.frozen", "commit.copied")
 IMPORT_STEPS = ("import.claimed", "import.written")
 UPDATE_STEPS = ("update.intended", "update.beneath", "update.replaced")
@@ -554,7 +554,8 @@ def campaign(base: Path, kills: int, seed: int = 0, rounds_between_cleanups: int
                 for auto in (True, False):
                     world.crash_at(step, kind, auto)
         for step in UNMOUNT_STEPS:
-            for kind in ("rw", "bind"):
+            # Only a daemon-made workdir has a marker to drop.
+            for kind in ("rw",) if step == "unmount.marker-dropped" else ("rw", "bind"):
                 world.crash_at(step, kind, auto=kind == "rw")
         for step in COMMIT_STEPS + IMPORT_STEPS + RECONCILE_STEPS:
             world.crash_at(step)

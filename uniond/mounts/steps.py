@@ -19,7 +19,7 @@ from uniond.errors import Busy, Failed, NotRecorded
 from uniond.kernel import holders, syscalls
 from uniond.kernel import overlay as engine
 from uniond.mounts import crash, plan
-from uniond.mounts.marks import Marks, write_workdir_marker
+from uniond.mounts.marks import WORKDIR_MARKER, Marks, write_workdir_marker
 from uniond.mounts.records import MountRecord
 
 log = logging.getLogger("uniond.mounts.manager")
@@ -74,11 +74,24 @@ def attach(checked: plan.Plan, marks: Marks) -> MountRecord:
 
 
 def take_off(record: MountRecord, lazy: bool) -> None:
-    """The kernel's part of an Unmount (in a thread, or in place)."""
+    """The kernel's part of an Unmount (in a thread, or in place).
+
+    A daemon-made workdir's marker goes just before the unmount: the unmount syncs the
+    upper's filesystem (overlayfs' sync_fs), which would otherwise write the marker's
+    page out only for it to be freed (on a disk mounted with discard: discarded) a
+    moment later. Meanwhile the journal and the runtime mark still name the mount (C1,
+    C4; the fault harness kills the daemon right there); if the kernel refuses the
+    unmount, the marker is written again.
+    """
     mount_id, mountpoint = record.id, record.spec.mountpoint
+    marker_gone = record.workdir_created and not record.detached and _drop_workdir_marker(record)
+    if marker_gone:
+        crash.point("unmount.marker-dropped")
     try:
         engine.unmount(mountpoint, lazy, record.mnt_id)
     except OSError as e:
+        if marker_gone and e.errno not in (errno.EINVAL, errno.ENOENT):
+            _restore_workdir_marker(record)
         if e.errno == errno.EBUSY:
             users = ", ".join(str(h) for h in holders.find(mountpoint)) or "no process found"
             raise Busy(
@@ -89,3 +102,29 @@ def take_off(record: MountRecord, lazy: bool) -> None:
             raise Failed(f"unmounting {mountpoint} failed: {e.strerror}") from e
         log.warning("mount %s: was already unmounted behind the daemon's back", mount_id)
     crash.point("unmount.unmounted")
+
+
+def _drop_workdir_marker(record: MountRecord) -> bool:
+    """Remove the marker from the daemon-made workdir; False if it could not be."""
+    try:
+        fd = syscalls.open_dir_nofollow(record.spec.workdir)
+    except OSError:
+        return False
+    try:
+        os.unlink(WORKDIR_MARKER, dir_fd=fd)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def _restore_workdir_marker(record: MountRecord) -> None:
+    try:
+        fd = syscalls.open_dir_nofollow(record.spec.workdir)
+        try:
+            write_workdir_marker(fd, record)
+        finally:
+            os.close(fd)
+    except OSError as e:  # the journal and the runtime mark still know the mount
+        log.warning("mount %s: its workdir's marker could not be written again: %s", record.id, e)
