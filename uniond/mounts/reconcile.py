@@ -255,10 +255,8 @@ def remove_made(record: MountRecord, marks: Marks | None = None) -> bool:
             try:
                 os.rmdir(spec.mountpoint)  # EBUSY while still a mount point
                 done.append(f"removed the mountpoint {spec.mountpoint} it had made")
-            except FileNotFoundError:
-                pass
-            except NotADirectoryError:
-                pass  # not the directory the daemon made: left alone
+            except (FileNotFoundError, NotADirectoryError):
+                pass  # gone, or not the directory the daemon made: left alone
             except OSError as e:
                 if e.errno == errno.EBUSY:
                     raise OSError(errno.EBUSY, f"{spec.mountpoint} is still a mount point") from None
