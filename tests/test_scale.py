@@ -274,3 +274,23 @@ def test_uppers_in_use_are_found_by_mount_id_and_by_mountinfo(tmp_path, upper_na
     finally:
         syscalls.umount(str(tmp_path / "merge"))
     assert by_id.user_of(upper) is None and by_table.user_of(upper) is None, "gone once unmounted"
+
+
+def test_mountinfo_is_read_again_only_after_the_table_changed(tmp_path):
+    """The fallback's cache (no listmount): the same text while nothing changed, the new
+    mount in it as soon as one is made, and gone again once it is unmounted."""
+    from uniond.kernel.mounttable import ChangedTable
+
+    table = ChangedTable(watch=False)
+    first = table.text()
+    assert table.text() is first, "read again although nothing changed"
+    (tmp_path / "merge").mkdir()
+    merge = str(tmp_path / "merge")
+    subprocess.run(["mount", "-t", "tmpfs", "changed-table", merge], check=True)
+    try:
+        assert f" {merge} " in table.text()
+        again = table.text()
+        assert table.text() is again
+    finally:
+        syscalls.umount(merge)
+    assert f" {merge} " not in table.text()

@@ -8,14 +8,22 @@ that only ever grows and is never reused, lists the ids after a given one
 since 6.13 - STATMOUNT_OPT_ARRAY). So this table learns each mount once, when it first
 sees its id, and forgets it when a lookup finds it gone; a Mount costs one listmount of
 the few mounts made since the last, plus a statmount for each of those. Where the
-kernel lacks them, or a seccomp filter refuses them, every lookup reads mountinfo.
+kernel lacks them, or a seccomp filter refuses them (systemd 252's SystemCallFilter=
+does not know them by name), lookups read mountinfo, but only after the kernel has said
+that the table changed since the last read (poll's POLLPRI on an open mountinfo), and
+a thread reads it again once the table has been quiet for a moment, so that a Mount on
+a host of 10,000 mounts seldom waits for the whole table.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import logging
+import os
+import select
 import struct
+import threading
 
 from uniond.kernel import mountinfo
 from uniond.kernel.syscalls import _syscall
@@ -33,7 +41,9 @@ _BATCH = 4096
 _BUFFER = 1 << 16
 _ESCAPED = set(" \t\n\\,")  # written as \ooo in mountinfo (a comma too, in overlay options)
 
-__all__ = ["OverlayUppers"]
+__all__ = ["ChangedTable", "OverlayUppers"]
+
+log = logging.getLogger(__name__)
 
 
 def _listmount(after: int, out: ctypes.Array) -> list[int]:
@@ -91,6 +101,7 @@ class OverlayUppers:
         self._ids = (ctypes.c_uint64 * _BATCH)()
         self._buf = ctypes.create_string_buffer(_BUFFER)
         self._fallback = False
+        self._table: ChangedTable | None = None  # mountinfo, where the calls are refused
 
     def user_of(self, upper: str) -> str | None:
         """The mountpoint of a live overlay using ``upper`` as its upper, if any."""
@@ -103,8 +114,12 @@ class OverlayUppers:
                 if e.errno not in (errno.ENOSYS, errno.EINVAL, errno.EPERM):
                     raise
                 self._fallback = True  # read the whole table instead
-        with open(mountinfo.MOUNTINFO, encoding="utf-8", errors="surrogateescape") as f:
-            text = f.read()
+                log.info("%s (a seccomp filter, or a kernel before 6.13); the uppers in use are read "
+                         "from %s when the mount table changes (slow with thousands of mounts: see "
+                         "\"Hosts with thousands of mounts\" in the README)", e.strerror, mountinfo.MOUNTINFO)
+        if self._table is None:
+            self._table = ChangedTable()
+        text = self._table.text()
         # A path with none of the characters mountinfo escapes appears there as it is:
         # if no line names it as an upper, nothing need be parsed (the common case).
         if not _ESCAPED & set(upper) and f"upperdir={upper}" not in text:
@@ -138,3 +153,54 @@ class OverlayUppers:
                 self._after = ids[-1]
             if len(ids) < _BATCH:
                 return
+
+
+class ChangedTable:
+    """mountinfo's text, read again only when the kernel says the table changed.
+
+    The kernel marks an open mountinfo when its namespace's table changes (poll gives
+    POLLPRI); until then the text read last is what a new read would give. A Mount asks
+    twice (before and after authorization) and most Mounts follow a change, so a thread
+    reads the table once it has been quiet for ``QUIET`` seconds: while changes keep
+    coming it reads nothing, and the caller that needs the table reads it then.
+    """
+
+    QUIET = 0.2
+
+    def __init__(self, path: str = mountinfo.MOUNTINFO, watch: bool = True) -> None:
+        self._lock = threading.Lock()
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._changed = select.poll()
+        self._changed.register(self._fd, select.POLLPRI)
+        self._text: str | None = None
+        if watch:
+            threading.Thread(target=self._watch, args=(path,), name="mountinfo", daemon=True).start()
+
+    def text(self) -> str:
+        with self._lock:
+            if self._text is None or self._has_changed():
+                self._text = self._read()
+            return self._text
+
+    def _has_changed(self) -> bool:
+        """True once per change of the table since the last call (it clears the mark)."""
+        return any(events & (select.POLLPRI | select.POLLERR) for _, events in self._changed.poll(0))
+
+    def _read(self) -> str:
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        chunks = []
+        while chunk := os.read(self._fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks).decode("utf-8", "surrogateescape")
+
+    def _watch(self, path: str) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # its own mark, apart from text()'s
+        changes = select.poll()
+        changes.register(fd, select.POLLPRI)
+        while True:
+            changes.poll()  # until the table changes
+            while changes.poll(self.QUIET * 1000):  # then until it is quiet
+                pass
+            with self._lock:
+                if self._has_changed():
+                    self._text = self._read()
