@@ -20,17 +20,18 @@ from dataclasses import dataclass
 from uniond.errors import InvalidArgument
 from uniond.layers import tree
 from uniond.layers.compress import MEDIA_TYPES, Hashing, Reader, decompressing
-from uniond.layers.stream import CHUNK, Source, check_fd
+from uniond.layers.stream import Source, check_fd
 from uniond.layers.tar_export import AUFS_META_PREFIX, OPAQUE_MARKER, WHITEOUT_PREFIX
+from uniond.layers.tar_read import MAX_HEADER as _MAX_HEADER
+from uniond.layers.tar_read import Member, TarReader
 from uniond.layers.tree import Builder, Meta
 
 log = logging.getLogger("uniond.layers.tar")
 
-_MAX_HEADER = 1 << 20  # a PAX or GNU long-name header larger than this is hostile
-
 
 class SafeHeader(tarfile.TarInfo):
-    """Refuses extended headers big enough to exhaust memory: tarfile reads them whole."""
+    """Refuses extended headers big enough to exhaust memory: tarfile reads them whole
+    (for an image archive's own tar; layers are read by tar_read)."""
 
     def _proc_pax(self, tf):
         if self.size > _MAX_HEADER:
@@ -63,8 +64,8 @@ def _components(name: str, what: str = "name") -> list[str]:
     return parts
 
 
-def _mtime_ns(member: tarfile.TarInfo) -> int:
-    text = member.pax_headers.get("mtime")
+def _mtime_ns(member: Member) -> int:
+    text = member.pax.get("mtime")
     if text:
         whole, _, frac = text.partition(".")
         try:
@@ -80,12 +81,12 @@ def _mtime_ns(member: tarfile.TarInfo) -> int:
     return mtime_ns
 
 
-def _meta(member: tarfile.TarInfo) -> Meta:
+def _meta(member: Member) -> Meta:
     for what, value in (("uid", member.uid), ("gid", member.gid)):
         if not 0 <= value < (1 << 32) - 1:  # (uid_t)-1 would mean "leave as it is"
             raise InvalidArgument(f"entry {member.name!r}: {what} {value} is out of range")
     xattrs = []
-    for key, value in member.pax_headers.items():
+    for key, value in member.pax.items():
         if not key.startswith("SCHILY.xattr."):
             continue
         name = key[len("SCHILY.xattr."):]
@@ -153,11 +154,12 @@ class _Importer:
             meta = tree.lower_directory_meta(self.parents, rel) if self.parents else None
             self.builder.directory(rel, meta or tree.IMPLICIT_DIRECTORY, exists=True)
 
-    def add(self, tf: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+    def add(self, reader: TarReader, member: Member) -> None:
         self.members += 1
+        kind = member.type
         parts = _components(member.name)
         if not parts:
-            if not member.isdir():
+            if kind != b"5":
                 raise InvalidArgument(f"entry {member.name!r}: the layer's root must be a directory")
             return  # the root: destdir itself stays as the caller made it
         if any(p.startswith(AUFS_META_PREFIX) for p in parts[:-1]) or (
@@ -196,7 +198,7 @@ class _Importer:
             return
         rel = "/".join(parts)
         meta = _meta(member)
-        if member.isdir():
+        if kind == b"5":
             existed = rel in self.implicit
             if existed:
                 self.implicit.discard(rel)
@@ -207,7 +209,7 @@ class _Importer:
         if rel in self.implicit:
             raise InvalidArgument(f"entry {rel!r}: earlier entries used it as a directory")
         self._claim(rel, "file")
-        if member.isreg():
+        if kind in (b"0", b"S"):
             self.total += member.size
             if self.total > self.room:
                 raise InvalidArgument(
@@ -215,39 +217,34 @@ class _Importer:
                 )
             fd = self.builder.regular(rel, meta, self.implicit)
             try:
-                src = tf.extractfile(member)
-                assert src is not None
-                while chunk := src.read(CHUNK):
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view):]
+                reader.write_body(fd, member)
             except BaseException:
                 os.close(fd)
                 raise
             self.builder.finish_regular(fd, meta)
-        elif member.issym():
+        elif kind == b"2":
             target = member.linkname
             if not target or "\0" in target or len(target.encode("utf-8", "surrogateescape")) >= tree.PATH_MAX:
                 raise InvalidArgument(f"entry {rel!r}: empty, over-long or NUL-holding symlink target")
             self.builder.symlink(rel, member.linkname, meta, self.implicit)
-        elif member.islnk():
+        elif kind == b"1":
             target = "/".join(_components(member.linkname, "link target"))
             if self.seen.get(target) != "file" or target == rel:
                 raise InvalidArgument(
                     f"entry {rel!r}: hard link to {member.linkname!r}, which is not an earlier file of this layer"
                 )
             self.builder.hardlink(rel, target, self.implicit)
-        elif member.isfifo():
+        elif kind == b"6":
             self.builder.node(rel, stat.S_IFIFO, 0, meta, self.implicit)
-        elif member.ischr() or member.isblk():
-            if member.ischr() and member.devmajor == 0 and member.devminor == 0:
+        elif kind in (b"3", b"4"):
+            if kind == b"3" and member.devmajor == 0 and member.devminor == 0:
                 raise InvalidArgument(f"entry {rel!r}: a 0/0 device is overlay's whiteout; layers use .wh. names")
             if not self.devices:
                 raise InvalidArgument(f"entry {rel!r}: a device file; pass devices=true to allow them")
             if not (0 <= member.devmajor < 1 << 12 and 0 <= member.devminor < 1 << 20):  # what mknod(2) takes
                 raise InvalidArgument(f"entry {rel!r}: device {member.devmajor}:{member.devminor} is out of range")
-            kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
-            self.builder.node(rel, kind, os.makedev(member.devmajor, member.devminor), meta, self.implicit)
+            node = stat.S_IFCHR if kind == b"3" else stat.S_IFBLK
+            self.builder.node(rel, node, os.makedev(member.devmajor, member.devminor), meta, self.implicit)
         else:
             raise InvalidArgument(f"entry {rel!r}: tar entry type {member.type!r} has no place in a layer")
 
@@ -283,14 +280,13 @@ def unpack(source: Reader, destdir: str, devices: bool = False, parents: tuple[s
         try:
             plain, compression = decompressing(blob)
             tarred = Hashing(plain, hashing=digests and compression != "none")
-            with tarfile.open(fileobj=tarred, mode="r|", tarinfo=SafeHeader, errorlevel=2, bufsize=CHUNK) as tf:
-                while (member := tf.next()) is not None:
-                    importer.add(tf, member)
-                    tf.members.clear()  # stream mode keeps every header otherwise
+            reader = TarReader(tarred)
+            while (member := reader.next()) is not None:
+                importer.add(reader, member)
             if digests:
                 tarred.drain()
                 blob.drain()
-        except (tarfile.TarError, EOFError) as e:
+        except (tarfile.TarError, EOFError) as e:  # an image archive's reader, around the layer
             raise InvalidArgument(f"not a readable layer tar: {e}") from None
         except UnicodeError as e:
             raise InvalidArgument(f"a name in the layer is not valid: {e}") from None
