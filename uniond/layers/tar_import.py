@@ -50,22 +50,21 @@ def _components(name: str, what: str = "name") -> list[str]:
         raise InvalidArgument(f"entry {name!r}: absolute {what}; a layer holds relative paths")
     if "\0" in name:
         raise InvalidArgument(f"entry {name!r}: a NUL byte in the {what}")
-    if len(name.encode("utf-8", "surrogateescape")) > tree.PATH_MAX:
+    size = len(name.encode("utf-8", "surrogateescape"))
+    if size > tree.PATH_MAX:
         raise InvalidArgument(f"entry {name[:64]!r}...: {what} longer than {tree.PATH_MAX} bytes")
-    parts = []
-    for part in name.split("/"):
-        if part in ("", "."):
-            continue
-        if part == "..":
-            raise InvalidArgument(f"entry {name!r}: '..' in the {what} would leave the layer")
-        if len(part.encode("utf-8", "surrogateescape")) > tree.NAME_MAX:
-            raise InvalidArgument(f"entry {name!r}: a component is longer than {tree.NAME_MAX} bytes")
-        parts.append(part)
+    parts = [part for part in name.split("/") if part and part != "."]
+    if ".." in parts:
+        raise InvalidArgument(f"entry {name!r}: '..' in the {what} would leave the layer")
+    if size > tree.NAME_MAX:  # else no component can be longer
+        for part in parts:
+            if len(part.encode("utf-8", "surrogateescape")) > tree.NAME_MAX:
+                raise InvalidArgument(f"entry {name!r}: a component is longer than {tree.NAME_MAX} bytes")
     return parts
 
 
 def _mtime_ns(member: Member) -> int:
-    text = member.pax.get("mtime")
+    text = member.pax.get("mtime") if member.pax else None
     if text:
         whole, _, frac = text.partition(".")
         try:
@@ -81,10 +80,23 @@ def _mtime_ns(member: Member) -> int:
     return mtime_ns
 
 
-def _meta(member: Member) -> Meta:
-    for what, value in (("uid", member.uid), ("gid", member.gid)):
-        if not 0 <= value < (1 << 32) - 1:  # (uid_t)-1 would mean "leave as it is"
-            raise InvalidArgument(f"entry {member.name!r}: {what} {value} is out of range")
+_ID_END = (1 << 32) - 1  # (uid_t)-1 would mean "leave as it is"
+
+
+def _meta(member: Member, known: dict[tuple[int, int, int, int], Meta]) -> Meta:
+    """The member's Meta; ``known`` holds those without xattrs already made, since most
+    entries of a layer share one (a Meta costs more to make than to look up)."""
+    if not (0 <= member.uid < _ID_END and 0 <= member.gid < _ID_END):
+        what, value = ("uid", member.uid) if not 0 <= member.uid < _ID_END else ("gid", member.gid)
+        raise InvalidArgument(f"entry {member.name!r}: {what} {value} is out of range")
+    if not member.pax:
+        key = (member.mode & 0o7777, member.uid, member.gid, _mtime_ns(member))
+        meta = known.get(key)
+        if meta is None:
+            if len(known) >= 4096:  # constant memory, whatever the layer
+                known.clear()
+            meta = known[key] = Meta(*key)
+        return meta
     xattrs = []
     for key, value in member.pax.items():
         if not key.startswith("SCHILY.xattr."):
@@ -129,6 +141,7 @@ class _Importer:
         self.seen: dict[str, str] = {}  # rel -> "dir", "file" (any non-directory) or "whiteout"
         self.implicit: set[str] = set()  # directories made for a child before their own entry
         self.opaque: set[str] = set()
+        self.known: dict[tuple[int, int, int, int], Meta] = {}
         vfs = os.statvfs(destdir)
         self.room = vfs.f_bavail * vfs.f_frsize
         self.total = 0
@@ -162,6 +175,9 @@ class _Importer:
             if kind != b"5":
                 raise InvalidArgument(f"entry {member.name!r}: the layer's root must be a directory")
             return  # the root: destdir itself stays as the caller made it
+        if WHITEOUT_PREFIX not in member.name:
+            self._make("/".join(parts), kind, member, reader)
+            return
         if any(p.startswith(AUFS_META_PREFIX) for p in parts[:-1]) or (
             parts[-1].startswith(AUFS_META_PREFIX) and parts[-1] != OPAQUE_MARKER
         ):
@@ -196,8 +212,11 @@ class _Importer:
             self._claim(rel, "whiteout")
             self.builder.whiteout(rel, self.implicit)
             return
-        rel = "/".join(parts)
-        meta = _meta(member)
+        self._make("/".join(parts), kind, member, reader)
+
+    def _make(self, rel: str, kind: bytes, member: Member, reader: TarReader) -> None:
+        """An entry that is neither a whiteout nor an opaque marker."""
+        meta = _meta(member, self.known)
         if kind == b"5":
             existed = rel in self.implicit
             if existed:

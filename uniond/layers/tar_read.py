@@ -26,6 +26,7 @@ CHUNK = 1 << 20
 MAX_HEADER = 1 << 20  # a PAX or GNU long-name header larger than this is hostile
 _MAX_SPARSE = 1 << 16  # pieces of one sparse file
 _ZERO = bytes(BLOCK)
+_PAD = b" \0"
 _HIGH = bytes(range(128, 256))
 # name mode uid gid size mtime chksum type linkname magic version uname gname major minor prefix
 _HEADER = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s")
@@ -180,7 +181,10 @@ class TarReader:
     def next(self) -> Member | None:
         """The next member, or None at the archive's end."""
         if self.pending:
-            self._skip(self.pending)
+            if self.pos + self.pending <= len(self.buf):
+                self.pos += self.pending
+            else:
+                self._skip(self.pending)
             self.pending = 0
         pax: dict[str, str] | None = None
         pieces: list[tuple[str, str]] = []
@@ -197,73 +201,76 @@ class TarReader:
                 if pax is not None or longname is not None or longlink is not None:
                     raise _unreadable(f"an extended header at byte {at} is followed by no member")
                 return None
-            (name, mode, uid, gid, size, mtime, chksum, kind, linkname, magic, _version, _uname, _gname,
-             major, minor, prefix) = _HEADER.unpack_from(block)
-            if not _checksum_ok(block, _number(chksum)):
+            fields = _HEADER.unpack_from(block)
+            try:  # the common form: octal digits, then NULs or spaces
+                mode, uid, gid = int(fields[1].rstrip(_PAD), 8), int(fields[2].rstrip(_PAD), 8), \
+                    int(fields[3].rstrip(_PAD), 8)
+                size, mtime, chksum = int(fields[4].rstrip(_PAD), 8), int(fields[5].rstrip(_PAD), 8), \
+                    int(fields[6].rstrip(_PAD), 8)
+            except ValueError:
+                mode, uid, gid, size, mtime, chksum = (_number(f) for f in fields[1:7])
+            if not _checksum_ok(block, chksum):
                 raise _unreadable(f"the header at byte {at} has a bad checksum")
-            size_n = _number(size)
-            if size_n < 0:
+            if size < 0:
                 raise _unreadable(f"the header at byte {at} has a negative size")
+            kind = fields[7]
             if kind in EXTENDED:
                 if kind in (b"x", b"X", b"g"):
-                    records, found = _pax_records(self._extended(size_n, "PAX header"))
+                    records, found = _pax_records(self._extended(size, "PAX header"))
                     if kind == b"g":
                         self.globals.update(records)
                         continue
                     pax = {**records, **pax} if pax is not None else records  # the first header wins (tarfile)
                     pieces = pieces or found
                 elif kind == b"L":
-                    text = _text(self._extended(size_n, "GNU long name"))
+                    text = _text(self._extended(size, "GNU long name"))
                     longname = longname if longname is not None else text
                 else:
-                    text = _text(self._extended(size_n, "GNU long link"))
+                    text = _text(self._extended(size, "GNU long link"))
                     longlink = longlink if longlink is not None else text
                 continue
-            return self._member(block, name, mode, uid, gid, size_n, mtime, kind, linkname, magic, major, minor,
-                                prefix, pax, pieces, longname, longlink)
+            text = fields[0].partition(b"\0")[0].decode("utf-8", "surrogateescape")
+            if fields[9] == b"ustar\0" and fields[15][0]:
+                text = _text(fields[15]) + "/" + text
+            if kind == b"\0" and text.endswith("/"):
+                kind = b"5"  # the old form of a directory
+            elif kind in REGULAR:
+                kind = b"0"
+            link = longlink if longlink is not None else _text(fields[8]) if kind in (b"1", b"2") else ""
+            if longname is not None:
+                text = longname
+            major = minor = 0
+            if kind in (b"3", b"4"):
+                major, minor = _number(fields[13]), _number(fields[14])
+            member = Member(text, kind, mode, uid, gid, size, mtime, link, major, minor, self.globals)
+            if pax is not None or self.globals:
+                member = self._extend(member, block, {**self.globals, **pax} if pax is not None else self.globals,
+                                      pieces)
+            elif kind == SPARSE:
+                member = member._replace(sparse=self._gnu_sparse(block, size), realsize=_number(block[483:495]))
+            if member.type in _BODIED or member.type not in _KNOWN:
+                self.pending = -(-member.size // BLOCK) * BLOCK
+            return member
 
-    def _member(self, block: bytes, name: bytes, mode: bytes, uid: bytes, gid: bytes, size: int, mtime: bytes,
-                kind: bytes, linkname: bytes, magic: bytes, major: bytes, minor: bytes, prefix: bytes,
-                pax: dict[str, str] | None, pieces: list[tuple[str, str]], longname: str | None,
-                longlink: str | None) -> Member:
-        text = _text(name)
-        if magic == b"ustar\0" and prefix[0]:
-            text = _text(prefix) + "/" + text
-        if kind == b"\0" and text.endswith("/"):
-            kind = b"5"  # the old form of a directory
-        elif kind in REGULAR:
-            kind = b"0"
-        uid_n, gid_n = _number(uid), _number(gid)
-        link = _text(linkname) if longlink is None else longlink
-        if longname is not None:
-            text = longname
-        records = self.globals if pax is None else {**self.globals, **pax} if self.globals else pax
-        sparse = None
-        realsize = 0
-        if records:
-            if "path" in records:
-                text = records["path"]
-            if "GNU.sparse.name" in records:
-                text = records["GNU.sparse.name"]
-            if "linkpath" in records:
-                link = records["linkpath"]
-            if "uid" in records:
-                uid_n = _int(records["uid"], "PAX uid")
-            if "gid" in records:
-                gid_n = _int(records["gid"], "PAX gid")
-            if "size" in records:
-                size = _int(records["size"], "PAX size")
-            if kind == b"0" and any(k.startswith("GNU.sparse.") for k in records):
-                sparse, realsize, size = self._pax_sparse(records, pieces, size)
-                kind = b"S"
-        if kind == SPARSE and sparse is None:
-            sparse, realsize = self._gnu_sparse(block, size)
-        if kind in _BODIED or kind not in _KNOWN:
-            self.pending = -(-size // BLOCK) * BLOCK
-        return Member(text, kind, _number(mode), uid_n, gid_n, size, _number(mtime), link, _number(major),
-                      _number(minor), records, sparse, realsize)
+    def _extend(self, member: Member, block: bytes, records: dict[str, str], pieces: list[tuple[str, str]]) -> Member:
+        """A member with its PAX records applied."""
+        changes: dict[str, object] = {"pax": records}
+        for key, field in (("path", "name"), ("GNU.sparse.name", "name"), ("linkpath", "linkname")):
+            if key in records:
+                changes[field] = records[key]
+        for key in ("uid", "gid", "size"):
+            if key in records:
+                changes[key] = _int(records[key], f"PAX {key}")
+        size = changes.get("size", member.size)
+        assert isinstance(size, int)
+        if member.type == b"0" and any(k.startswith("GNU.sparse.") for k in records):
+            changes["sparse"], changes["realsize"], changes["size"] = self._pax_sparse(records, pieces, size)
+            changes["type"] = SPARSE
+        elif member.type == SPARSE:
+            changes["sparse"], changes["realsize"] = self._gnu_sparse(block, size), _number(block[483:495])
+        return member._replace(**changes)
 
-    def _gnu_sparse(self, block: bytes, size: int) -> tuple[tuple[tuple[int, int], ...], int]:
+    def _gnu_sparse(self, block: bytes, size: int) -> tuple[tuple[int, int], ...]:
         """The old GNU form: four pieces in the header, 21 in each extension block."""
         numbers: list[int] = []
         area, extended = block[386:482], block[482]
@@ -278,11 +285,10 @@ class TarReader:
                 raise _unreadable("a sparse map of too many pieces")
             more = self._take(BLOCK, "a sparse header")
             area, extended = more[:504], more[504]
-        realsize = _number(block[483:495])
-        pairs = _pairs(numbers, realsize)
+        pairs = _pairs(numbers, _number(block[483:495]))
         if sum(length for _, length in pairs) != size:
             raise _unreadable("a sparse file whose pieces do not add up to its size")
-        return pairs, realsize
+        return pairs
 
     def _pax_sparse(self, records: dict[str, str], pieces: list[tuple[str, str]],
                     size: int) -> tuple[tuple[tuple[int, int], ...], int, int]:

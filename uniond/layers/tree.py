@@ -28,6 +28,17 @@ PATH_MAX = 4096
 XATTR_SIZE_MAX = 65536
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_DEFAULT_ACL = "system.posix_acl_default"
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask would, for every thread)."""
+    with open("/proc/self/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"Umask:"):
+                return int(line.split()[1], 8)
+    return 0o777  # an old kernel: never trust the mode open(2) made
 
 
 def exported_xattr(name: str) -> bool:
@@ -151,6 +162,16 @@ def lower_directory_meta(parents: tuple[str, ...], rel: str) -> Meta | None:
     return None
 
 
+def _has_default_acl(fd: int) -> bool:
+    try:
+        os.getxattr(fd, _DEFAULT_ACL)
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+            return False
+        raise
+    return True
+
+
 def check_destdir_empty(destdir: str) -> None:
     with os.scandir(destdir) as it:
         if next(it, None) is not None:
@@ -184,6 +205,12 @@ class Builder:
         self.entries = 0
         self._dir_times: list[tuple[str, int]] = []
         self._cached: tuple[str, int] | None = None  # the last parent opened, still open
+        self._new_gid = -1  # the group a file made in the cached parent gets
+        # A file is made with its final mode when open(2) gives exactly that: a default
+        # ACL on the root (inherited below) would mask it instead of the umask.
+        self._umask = _umask() if not _has_default_acl(self.root_fd) else 0o777
+        self._uid, self._gid = os.geteuid(), os.getegid()
+        self._made: tuple[int, int, int] = (-1, -1, 0)  # (fd, gid, mode) of the last regular file
 
     def close(self) -> None:
         self._drop_cache()
@@ -228,6 +255,8 @@ class Builder:
             os.close(fd)
             raise
         self._cached = (head, fd)
+        st = os.fstat(fd)
+        self._new_gid = st.st_gid if st.st_mode & stat.S_ISGID else self._gid  # a set-group-ID directory's
         return fd, base
 
     @staticmethod
@@ -242,6 +271,8 @@ class Builder:
         if not exists:
             os.mkdir(base, 0o700, dir_fd=pfd)
             self.entries += 1
+        if self._cached is not None and self._cached[0] == rel:
+            self._drop_cache()  # its mode changes, and with it the group of files made in it
         fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
         try:
             self._apply(fd, meta)
@@ -258,15 +289,27 @@ class Builder:
 
     def regular(self, rel: str, meta: Meta, implicit: set[str] | None = None) -> int:
         """Create an empty regular file and return a writable fd; the caller fills it,
-        then calls ``finish_regular``."""
+        then calls ``finish_regular``.
+
+        Most files are made with their final mode at once, so that finish_regular needs
+        no chmod (nor a chown when the owner is the daemon's). A set-ID or sticky file
+        starts as 0600: a set-user-ID file of the daemon's user must never be reachable
+        while its content is being written.
+        """
         pfd, base = self.parent(rel, implicit)
-        fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=pfd)
+        mode = meta.mode if not meta.mode & 0o7000 else 0o600
+        fd = os.open(base, _NEW_FILE, mode, dir_fd=pfd)
         self.entries += 1
+        self._made = (fd, self._new_gid, mode & ~self._umask)
         return fd
 
     def finish_regular(self, fd: int, meta: Meta) -> None:
         try:
-            self._apply(fd, meta)
+            made_fd, gid, mode = self._made
+            if made_fd != fd or (meta.uid, meta.gid) != (self._uid, gid) or meta.xattrs:
+                self._apply(fd, meta)
+            elif mode != meta.mode:
+                os.chmod(fd, meta.mode)
             os.utime(fd, ns=(meta.mtime_ns, meta.mtime_ns))
         finally:
             os.close(fd)
