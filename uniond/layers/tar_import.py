@@ -28,6 +28,8 @@ from uniond.layers.tree import Builder, Meta
 
 log = logging.getLogger("uniond.layers.tar")
 
+_SMALL = 1 << 16  # a file up to this size is written from the reader's buffer in one call
+
 
 class SafeHeader(tarfile.TarInfo):
     """Refuses extended headers big enough to exhaust memory: tarfile reads them whole
@@ -61,6 +63,17 @@ def _components(name: str, what: str = "name") -> list[str]:
             if len(part.encode("utf-8", "surrogateescape")) > tree.NAME_MAX:
                 raise InvalidArgument(f"entry {name!r}: a component is longer than {tree.NAME_MAX} bytes")
     return parts
+
+
+def _relative(name: str) -> str:
+    """The member name as a path below the layer's root ("" for the root itself), as
+    ``_components`` gives it; the common plain names skip its checks one by one."""
+    if name.startswith("./"):
+        name = name[2:]  # how `tar -C dir .` writes every name
+    if (len(name) <= tree.NAME_MAX // 4 and name and name[0] not in "/." and "/." not in name
+            and "//" not in name and "\0" not in name and name[-1] != "/"):
+        return name  # no empty, "." or ".." component, no long one: nothing to refuse or drop
+    return "/".join(_components(name))
 
 
 def _mtime_ns(member: Member) -> int:
@@ -170,14 +183,15 @@ class _Importer:
     def add(self, reader: TarReader, member: Member) -> None:
         self.members += 1
         kind = member.type
-        parts = _components(member.name)
-        if not parts:
+        rel = _relative(member.name)
+        if not rel:
             if kind != b"5":
                 raise InvalidArgument(f"entry {member.name!r}: the layer's root must be a directory")
             return  # the root: destdir itself stays as the caller made it
-        if WHITEOUT_PREFIX not in member.name:
-            self._make("/".join(parts), kind, member, reader)
+        if WHITEOUT_PREFIX not in rel:
+            self._make(rel, kind, member, reader)
             return
+        parts = rel.split("/")
         if any(p.startswith(AUFS_META_PREFIX) for p in parts[:-1]) or (
             parts[-1].startswith(AUFS_META_PREFIX) and parts[-1] != OPAQUE_MARKER
         ):
@@ -212,7 +226,7 @@ class _Importer:
             self._claim(rel, "whiteout")
             self.builder.whiteout(rel, self.implicit)
             return
-        self._make("/".join(parts), kind, member, reader)
+        self._make(rel, kind, member, reader)
 
     def _make(self, rel: str, kind: bytes, member: Member, reader: TarReader) -> None:
         """An entry that is neither a whiteout nor an opaque marker."""
@@ -234,6 +248,9 @@ class _Importer:
                 raise InvalidArgument(
                     f"entry {rel!r} of {member.size} bytes: the layer does not fit in destdir's free space"
                 )
+            if member.size <= _SMALL and member.sparse is None:
+                self.builder.small_file(rel, meta, reader.body(member), self.implicit)
+                return
             fd = self.builder.regular(rel, meta, self.implicit)
             try:
                 reader.write_body(fd, member)

@@ -209,7 +209,9 @@ class TarReader:
                     int(fields[6].rstrip(_PAD), 8)
             except ValueError:
                 mode, uid, gid, size, mtime, chksum = (_number(f) for f in fields[1:7])
-            if not _checksum_ok(block, chksum):
+            # zlib's adler32 sums bytes in C: its low half is 1 + the sum of up to 256 bytes.
+            if chksum != (zlib.adler32(block[:256]) & 0xFFFF) + (zlib.adler32(block[256:]) & 0xFFFF) + 254 - sum(
+                    block[148:156]) and not _checksum_ok(block, chksum):
                 raise _unreadable(f"the header at byte {at} has a bad checksum")
             if size < 0:
                 raise _unreadable(f"the header at byte {at} has a negative size")
@@ -331,6 +333,19 @@ class TarReader:
             step = min(n, len(self.buf) - self.pos)
             self.pos += step
             n -= step
+
+    def body(self, member: Member) -> bytes | memoryview:
+        """The last member's data, whole (a small file's, not sparse): a view into the
+        buffer when it lies there."""
+        n = member.size
+        end = self.pos + n
+        if end <= len(self.buf):
+            data: bytes | memoryview = self.view[self.pos:end]
+            self.pos = end
+        else:
+            data = self._take(n, "a file's data")
+        self.pending = -n % BLOCK
+        return data
 
     def write_body(self, fd: int, member: Member) -> None:
         """Copy the last member's data into ``fd`` (a new, empty file)."""

@@ -162,6 +162,12 @@ def lower_directory_meta(parents: tuple[str, ...], rel: str) -> Meta | None:
     return None
 
 
+def _apply(fd: int, meta: Meta) -> None:
+    os.chown(fd, meta.uid, meta.gid)
+    os.chmod(fd, meta.mode)  # after chown, which clears set-id bits
+    _set_xattrs(fd, meta.xattrs)
+
+
 def _has_default_acl(fd: int) -> bool:
     try:
         os.getxattr(fd, _DEFAULT_ACL)
@@ -259,12 +265,6 @@ class Builder:
         self._new_gid = st.st_gid if st.st_mode & stat.S_ISGID else self._gid  # a set-group-ID directory's
         return fd, base
 
-    @staticmethod
-    def _apply(fd: int, meta: Meta) -> None:
-        os.chown(fd, meta.uid, meta.gid)
-        os.chmod(fd, meta.mode)  # after chown, which clears set-id bits
-        _set_xattrs(fd, meta.xattrs)
-
     def directory(self, rel: str, meta: Meta, opaque: bool = False, exists: bool = False,
                   implicit: set[str] | None = None) -> None:
         pfd, base = self.parent(rel, implicit)
@@ -275,7 +275,7 @@ class Builder:
             self._drop_cache()  # its mode changes, and with it the group of files made in it
         fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
         try:
-            self._apply(fd, meta)
+            _apply(fd, meta)
             if opaque:
                 os.setxattr(fd, OPAQUE_XATTR, b"y")
         finally:
@@ -303,11 +303,28 @@ class Builder:
         self._made = (fd, self._new_gid, mode & ~self._umask)
         return fd
 
+    def small_file(self, rel: str, meta: Meta, data: bytes | memoryview, implicit: set[str] | None = None) -> None:
+        """A regular file holding ``data``: regular, a write and finish_regular in one."""
+        pfd, base = self.parent(rel, implicit)
+        mode = meta.mode if not meta.mode & 0o7000 else 0o600
+        fd = os.open(base, _NEW_FILE, mode, dir_fd=pfd)
+        self.entries += 1
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+            if (meta.uid, meta.gid) != (self._uid, self._new_gid) or meta.xattrs:
+                _apply(fd, meta)
+            elif mode & ~self._umask != meta.mode:
+                os.chmod(fd, meta.mode)
+            os.utime(fd, ns=(meta.mtime_ns, meta.mtime_ns))
+        finally:
+            os.close(fd)
+
     def finish_regular(self, fd: int, meta: Meta) -> None:
         try:
             made_fd, gid, mode = self._made
             if made_fd != fd or (meta.uid, meta.gid) != (self._uid, gid) or meta.xattrs:
-                self._apply(fd, meta)
+                _apply(fd, meta)
             elif mode != meta.mode:
                 os.chmod(fd, meta.mode)
             os.utime(fd, ns=(meta.mtime_ns, meta.mtime_ns))
