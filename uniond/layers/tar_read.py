@@ -64,6 +64,7 @@ class TarReader:
         self.pos = 0
         self.offset = 0  # of buf[0] in the archive, for messages
         self.globals: dict[str, str] = {}  # PAX "g" records, for every later member
+        self.global_bytes = 0
         self.pending = 0  # bytes of the last member's data (and padding) not read yet
 
     def _refill(self, need: int) -> bool:
@@ -109,6 +110,7 @@ class TarReader:
         pax: dict[str, str] | None = None
         pieces: list[tuple[str, str]] = []
         longname = longlink = None
+        extended = 0  # bytes of this member's extended headers: a chain of them must end
         while True:
             at = self.offset + self.pos
             if self.pos + BLOCK > len(self.buf) and not self._refill(BLOCK):
@@ -137,10 +139,16 @@ class TarReader:
                 raise _unreadable(f"the header at byte {at} has a negative size")
             kind = head[7]
             if kind in EXTENDED:
+                extended += size
+                if extended > 4 * MAX_HEADER:
+                    raise InvalidArgument(f"extended headers of more than {4 * MAX_HEADER} bytes for one member")
                 if kind in (b"x", b"X", b"g"):
                     records, found = tar_fields.pax_records(self._extended(size, "PAX header"))
                     if kind == b"g":
                         self.globals.update(records)
+                        self.global_bytes += size
+                        if self.global_bytes > MAX_HEADER:
+                            raise InvalidArgument(f"global PAX headers of more than {MAX_HEADER} bytes")
                         continue
                     pax = {**records, **pax} if pax is not None else records  # the first header wins (tarfile)
                     pieces = pieces or found
