@@ -70,7 +70,7 @@ class TarReader:
     def _refill(self, need: int) -> bool:
         """Make ``need`` bytes available from ``pos`` on; False at the stream's end."""
         rest = self.buf[self.pos:]
-        parts = [rest]
+        parts = [rest] if rest else []  # one part alone is not copied by join
         have = len(rest)
         while have < need:
             data = self.source.read(max(CHUNK, need - have))
@@ -219,8 +219,13 @@ class TarReader:
         if end <= len(self.buf):
             data: bytes | memoryview = self.view[self.pos:end]
             self.pos = end
-        else:
-            data = self._take(n, "a file's data")
+        else:  # across a refill: copy the data, not the new buffer behind it
+            head = self.buf[self.pos:]
+            self.pos = len(self.buf)
+            if not self._refill(n - len(head)):
+                raise _unreadable("the stream ends in the middle of a file's data")
+            data = head + self.buf[:n - len(head)]
+            self.pos = n - len(head)
         self.pending = -n % BLOCK
         return data
 
