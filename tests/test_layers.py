@@ -374,6 +374,9 @@ def _hostile(outside: str) -> dict[str, bytes]:
         "xattr-on-fifo": _tar((f("p", tarfile.FIFOTYPE, pax_headers={"SCHILY.xattr.user.a": "v"}), b"")),
         "capability-garbage": _tar((f("c", pax_headers={"SCHILY.xattr.security.capability": "garbage"}), b"x")),
         "gzip-header-truncated": b"\x1f\x8b\x08\x04" + bytes(6),
+        # A bad header after good ones: refused, no longer read as the archive's end.
+        "garbage-after-first": _tar((f("a"), b"1"))[:1024] + b"not a header" * 100,
+        "pax-header-then-end": _tar((f("a", pax_headers={"path": "b"}), b""))[:1024] + bytes(1024),
         "bad-sparse-map": _tar((f("s", pax_headers={"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
                                                      "GNU.sparse.realsize": "10"}), b"garbage\n" * 10)),
     }
@@ -579,8 +582,9 @@ def test_devices_in_a_layer_are_roots_only(client, bus, polkit, user_dirs):
     assert polkit.calls() == [], "refused before polkit is asked"
 
 
-@pytest.mark.parametrize("fmt", ["gnu", "pax", "ustar"])
+@pytest.mark.parametrize("fmt", ["gnu", "pax", "ustar", "pax-0.0", "pax-0.1"])
 def test_layers_written_by_gnu_tar_import_exactly(tmp_path, fmt):
+    """Every header form GNU tar writes, sparse files (-S) in each of its sparse forms."""
     from views import view
 
     from uniond.layers import tar as layertar
@@ -588,6 +592,11 @@ def test_layers_written_by_gnu_tar_import_exactly(tmp_path, fmt):
     src = tmp_path / "src"
     (src / "dir/sub").mkdir(parents=True)
     (src / "dir/sub/f").write_bytes(os.urandom(5000))
+    with open(src / "dir/sparse", "wb") as f:
+        f.write(b"head")
+        f.seek(3 << 20)
+        f.write(b"middle")
+        f.truncate(5 << 20)  # a hole at the end too
     (src / "dir/g").write_text("g")
     os.link(src / "dir/g", src / "g-link")
     os.symlink("dir/sub/f", src / "s")
@@ -597,8 +606,11 @@ def test_layers_written_by_gnu_tar_import_exactly(tmp_path, fmt):
         os.utime(path, (1_700_000_000, 1_700_000_000))  # whole seconds: every format keeps them
     os.utime(src / "s", (1_700_000_000, 1_700_000_000), follow_symlinks=False)
     os.utime(src / "dir/g", (1_700_000_000, 1_700_000_000))
+    os.utime(src / "dir/sparse", (1_700_000_000, 1_700_000_000))
     layer = tmp_path / "layer.tar"
-    subprocess.run(["tar", f"--format={fmt}", "-cf", str(layer), "-C", str(src), "."], check=True)
+    fmt, _, sparse = fmt.partition("-")
+    holes = [] if fmt == "ustar" else ["-S", *([f"--sparse-version={sparse}"] if sparse else [])]  # ustar has none
+    subprocess.run(["tar", f"--format={fmt}", *holes, "-cf", str(layer), "-C", str(src), "."], check=True)
     dest = tmp_path / "dest"
     dest.mkdir()
     with open(layer, "rb") as f:

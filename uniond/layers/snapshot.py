@@ -13,8 +13,9 @@ import stat
 from dataclasses import dataclass
 
 from uniond.layers import tree
+from uniond.layers.builder import Builder
 from uniond.layers.stream import CHUNK
-from uniond.layers.tree import Builder, Meta
+from uniond.layers.tree import Meta
 
 
 @dataclass(frozen=True)

@@ -19,18 +19,24 @@ from dataclasses import dataclass
 
 from uniond.errors import InvalidArgument
 from uniond.layers import tree
+from uniond.layers.builder import Builder
 from uniond.layers.compress import MEDIA_TYPES, Hashing, Reader, decompressing
-from uniond.layers.stream import CHUNK, Source, check_fd
+from uniond.layers.stream import Source, check_fd
 from uniond.layers.tar_export import AUFS_META_PREFIX, OPAQUE_MARKER, WHITEOUT_PREFIX
-from uniond.layers.tree import Builder, Meta
+from uniond.layers.tar_member import components, relative
+from uniond.layers.tar_member import meta as member_meta
+from uniond.layers.tar_read import MAX_HEADER as _MAX_HEADER
+from uniond.layers.tar_read import Member, TarReader
+from uniond.layers.tree import Meta
 
 log = logging.getLogger("uniond.layers.tar")
 
-_MAX_HEADER = 1 << 20  # a PAX or GNU long-name header larger than this is hostile
+_SMALL = 1 << 16  # a file up to this size is written from the reader's buffer in one call
 
 
 class SafeHeader(tarfile.TarInfo):
-    """Refuses extended headers big enough to exhaust memory: tarfile reads them whole."""
+    """Refuses extended headers big enough to exhaust memory: tarfile reads them whole
+    (for an image archive's own tar; layers are read by tar_read)."""
 
     def _proc_pax(self, tf):
         if self.size > _MAX_HEADER:
@@ -41,63 +47,6 @@ class SafeHeader(tarfile.TarInfo):
         if self.size > _MAX_HEADER:
             raise InvalidArgument(f"a GNU long name of {self.size} bytes; at most {_MAX_HEADER} are accepted")
         return super()._proc_gnulong(tf)
-
-
-def _components(name: str, what: str = "name") -> list[str]:
-    """A member name as path components below the layer's root; refuses escapes (E3)."""
-    if name.startswith("/"):
-        raise InvalidArgument(f"entry {name!r}: absolute {what}; a layer holds relative paths")
-    if "\0" in name:
-        raise InvalidArgument(f"entry {name!r}: a NUL byte in the {what}")
-    if len(name.encode("utf-8", "surrogateescape")) > tree.PATH_MAX:
-        raise InvalidArgument(f"entry {name[:64]!r}...: {what} longer than {tree.PATH_MAX} bytes")
-    parts = []
-    for part in name.split("/"):
-        if part in ("", "."):
-            continue
-        if part == "..":
-            raise InvalidArgument(f"entry {name!r}: '..' in the {what} would leave the layer")
-        if len(part.encode("utf-8", "surrogateescape")) > tree.NAME_MAX:
-            raise InvalidArgument(f"entry {name!r}: a component is longer than {tree.NAME_MAX} bytes")
-        parts.append(part)
-    return parts
-
-
-def _mtime_ns(member: tarfile.TarInfo) -> int:
-    text = member.pax_headers.get("mtime")
-    if text:
-        whole, _, frac = text.partition(".")
-        try:
-            seconds = int(whole)
-            ns = int((frac + "000000000")[:9]) if frac else 0
-        except ValueError:
-            raise InvalidArgument(f"entry {member.name!r}: bad PAX mtime {text!r}") from None
-        mtime_ns = seconds * 1_000_000_000 + (-ns if text.startswith("-") else ns)
-    else:
-        mtime_ns = int(member.mtime) * 1_000_000_000
-    if not -(1 << 63) <= mtime_ns // 1_000_000_000 < 1 << 63:  # time_t
-        raise InvalidArgument(f"entry {member.name!r}: mtime {mtime_ns // 1_000_000_000} s is out of range")
-    return mtime_ns
-
-
-def _meta(member: tarfile.TarInfo) -> Meta:
-    for what, value in (("uid", member.uid), ("gid", member.gid)):
-        if not 0 <= value < (1 << 32) - 1:  # (uid_t)-1 would mean "leave as it is"
-            raise InvalidArgument(f"entry {member.name!r}: {what} {value} is out of range")
-    xattrs = []
-    for key, value in member.pax_headers.items():
-        if not key.startswith("SCHILY.xattr."):
-            continue
-        name = key[len("SCHILY.xattr."):]
-        if not tree.exported_xattr(name):
-            # D6: overlay's own (and other trusted/security) xattrs never come from a layer.
-            log.info("import: dropped xattr %s of %s", name, member.name)
-            continue
-        raw = value.encode("utf-8", "surrogateescape")
-        if len(raw) > tree.XATTR_SIZE_MAX:
-            raise InvalidArgument(f"entry {member.name!r}: xattr {name} is larger than {tree.XATTR_SIZE_MAX} bytes")
-        xattrs.append((name, raw))
-    return Meta(member.mode & 0o7777, member.uid, member.gid, _mtime_ns(member), tuple(sorted(xattrs)))
 
 
 @dataclass(frozen=True)
@@ -128,6 +77,7 @@ class _Importer:
         self.seen: dict[str, str] = {}  # rel -> "dir", "file" (any non-directory) or "whiteout"
         self.implicit: set[str] = set()  # directories made for a child before their own entry
         self.opaque: set[str] = set()
+        self.known: dict[tuple[int, int, int, int], Meta] = {}
         vfs = os.statvfs(destdir)
         self.room = vfs.f_bavail * vfs.f_frsize
         self.total = 0
@@ -153,13 +103,18 @@ class _Importer:
             meta = tree.lower_directory_meta(self.parents, rel) if self.parents else None
             self.builder.directory(rel, meta or tree.IMPLICIT_DIRECTORY, exists=True)
 
-    def add(self, tf: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+    def add(self, reader: TarReader, member: Member) -> None:
         self.members += 1
-        parts = _components(member.name)
-        if not parts:
-            if not member.isdir():
+        kind = member.type
+        rel = relative(member.name)
+        if not rel:
+            if kind != b"5":
                 raise InvalidArgument(f"entry {member.name!r}: the layer's root must be a directory")
             return  # the root: destdir itself stays as the caller made it
+        if WHITEOUT_PREFIX not in rel:
+            self._make(rel, kind, member, reader)
+            return
+        parts = rel.split("/")
         if any(p.startswith(AUFS_META_PREFIX) for p in parts[:-1]) or (
             parts[-1].startswith(AUFS_META_PREFIX) and parts[-1] != OPAQUE_MARKER
         ):
@@ -194,9 +149,12 @@ class _Importer:
             self._claim(rel, "whiteout")
             self.builder.whiteout(rel, self.implicit)
             return
-        rel = "/".join(parts)
-        meta = _meta(member)
-        if member.isdir():
+        self._make(rel, kind, member, reader)
+
+    def _make(self, rel: str, kind: bytes, member: Member, reader: TarReader) -> None:
+        """An entry that is neither a whiteout nor an opaque marker."""
+        meta = member_meta(member, self.known)
+        if kind == b"5":
             existed = rel in self.implicit
             if existed:
                 self.implicit.discard(rel)
@@ -207,47 +165,45 @@ class _Importer:
         if rel in self.implicit:
             raise InvalidArgument(f"entry {rel!r}: earlier entries used it as a directory")
         self._claim(rel, "file")
-        if member.isreg():
+        if kind in (b"0", b"S"):
             self.total += member.size
             if self.total > self.room:
                 raise InvalidArgument(
                     f"entry {rel!r} of {member.size} bytes: the layer does not fit in destdir's free space"
                 )
+            if member.size <= _SMALL and member.sparse is None:
+                self.builder.small_file(rel, meta, reader.body(member), self.implicit)
+                return
             fd = self.builder.regular(rel, meta, self.implicit)
             try:
-                src = tf.extractfile(member)
-                assert src is not None
-                while chunk := src.read(CHUNK):
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view):]
+                reader.write_body(fd, member)
             except BaseException:
                 os.close(fd)
                 raise
             self.builder.finish_regular(fd, meta)
-        elif member.issym():
+        elif kind == b"2":
             target = member.linkname
             if not target or "\0" in target or len(target.encode("utf-8", "surrogateescape")) >= tree.PATH_MAX:
                 raise InvalidArgument(f"entry {rel!r}: empty, over-long or NUL-holding symlink target")
             self.builder.symlink(rel, member.linkname, meta, self.implicit)
-        elif member.islnk():
-            target = "/".join(_components(member.linkname, "link target"))
+        elif kind == b"1":
+            target = "/".join(components(member.linkname, "link target"))
             if self.seen.get(target) != "file" or target == rel:
                 raise InvalidArgument(
                     f"entry {rel!r}: hard link to {member.linkname!r}, which is not an earlier file of this layer"
                 )
             self.builder.hardlink(rel, target, self.implicit)
-        elif member.isfifo():
+        elif kind == b"6":
             self.builder.node(rel, stat.S_IFIFO, 0, meta, self.implicit)
-        elif member.ischr() or member.isblk():
-            if member.ischr() and member.devmajor == 0 and member.devminor == 0:
+        elif kind in (b"3", b"4"):
+            if kind == b"3" and member.devmajor == 0 and member.devminor == 0:
                 raise InvalidArgument(f"entry {rel!r}: a 0/0 device is overlay's whiteout; layers use .wh. names")
             if not self.devices:
                 raise InvalidArgument(f"entry {rel!r}: a device file; pass devices=true to allow them")
             if not (0 <= member.devmajor < 1 << 12 and 0 <= member.devminor < 1 << 20):  # what mknod(2) takes
                 raise InvalidArgument(f"entry {rel!r}: device {member.devmajor}:{member.devminor} is out of range")
-            kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
-            self.builder.node(rel, kind, os.makedev(member.devmajor, member.devminor), meta, self.implicit)
+            node = stat.S_IFCHR if kind == b"3" else stat.S_IFBLK
+            self.builder.node(rel, node, os.makedev(member.devmajor, member.devminor), meta, self.implicit)
         else:
             raise InvalidArgument(f"entry {rel!r}: tar entry type {member.type!r} has no place in a layer")
 
@@ -283,14 +239,13 @@ def unpack(source: Reader, destdir: str, devices: bool = False, parents: tuple[s
         try:
             plain, compression = decompressing(blob)
             tarred = Hashing(plain, hashing=digests and compression != "none")
-            with tarfile.open(fileobj=tarred, mode="r|", tarinfo=SafeHeader, errorlevel=2, bufsize=CHUNK) as tf:
-                while (member := tf.next()) is not None:
-                    importer.add(tf, member)
-                    tf.members.clear()  # stream mode keeps every header otherwise
+            reader = TarReader(tarred)
+            while (member := reader.next()) is not None:
+                importer.add(reader, member)
             if digests:
                 tarred.drain()
                 blob.drain()
-        except (tarfile.TarError, EOFError) as e:
+        except (tarfile.TarError, EOFError) as e:  # an image archive's reader, around the layer
             raise InvalidArgument(f"not a readable layer tar: {e}") from None
         except UnicodeError as e:
             raise InvalidArgument(f"a name in the layer is not valid: {e}") from None
