@@ -40,20 +40,42 @@ class ExportResult:
 
 
 class _Counted:
-    """The uncompressed tar stream's length, for padding its end to a whole record, and
-    its sha256 when a diff_id is wanted."""
+    """The uncompressed tar stream, gathered into pieces of about CHUNK bytes before it
+    goes on (one join and one write per piece rather than per entry); its length, for
+    padding its end to a whole record; its sha256 when a diff_id is wanted."""
 
     def __init__(self, out: Sink | Compressing, sink: Sink | None, hashing: bool) -> None:
         self.out = out
         self.sink = sink  # the fd itself when nothing compresses and nothing hashes: sendfile
-        self.length = 0
+        self.length = 0  # including what is still gathered
         self.hasher = hashlib.sha256() if hashing else None
+        self._pieces: list[bytes] = []
+        self._gathered = 0
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes) -> None:
         self.length += len(data)
+        self._pieces.append(data)
+        self._gathered += len(data)
+        if self._gathered >= CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pieces:
+            return
+        data = b"".join(self._pieces)
+        self._pieces.clear()
+        self._gathered = 0
         if self.hasher is not None:
             self.hasher.update(data)
-        return self.out.write(data)
+        self.out.write(data)
+
+    def sendfile(self, fd: int, size: int) -> int:
+        """Copy up to ``size`` bytes of ``fd`` straight to the caller's fd (see ``sink``)."""
+        assert self.sink is not None
+        self.flush()
+        done = self.sink.sendfile(fd, size)
+        self.length += done
+        return done
 
 
 _SENDFILE_MIN = 1 << 16
@@ -263,8 +285,7 @@ def _copy_rest(out: _Counted, fd: int, size: int, left: int, what: str, rel: str
     pages, nothing passes through Python.
     """
     if left == size and size >= _SENDFILE_MIN and out.sink is not None:
-        left -= out.sink.sendfile(fd, size)
-        out.length += size - left
+        left -= out.sendfile(fd, size)
     while left:
         data = os.read(fd, min(left, CHUNK))
         if not data:
@@ -296,6 +317,7 @@ def export_diff(upperdir: str, fd: int, compression: str = "none", what: str = "
     # The end: two zero blocks, padded to a whole record as tar(1) and tarfile write it.
     trailer = 2 * BLOCK
     out.write(bytes(trailer + (-(out.length + trailer)) % RECORD))
+    out.flush()
     zipped.close()  # writes the compressor's trailer into the sink
     sink.flush()
     if not digests:

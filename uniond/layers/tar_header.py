@@ -6,9 +6,7 @@ the cost, which matters when a layer holds a hundred thousand entries.
 """
 from __future__ import annotations
 
-import functools
 import os
-import stat
 import struct
 import tarfile
 
@@ -23,6 +21,8 @@ _MAGIC = b"ustar\x0000"
 # The checksum counts the checksum field as eight spaces, and the magic is always there.
 _FIXED_SUM = 8 * ord(" ") + sum(_MAGIC)
 _NO_DEVICE = b"%07o\0%07o\0" % (0, 0)
+_FIXED_SUM += sum(_NO_DEVICE)  # counted back out for a device
+_NO_DEVICE_SUM = sum(_NO_DEVICE)
 
 
 def _ustar(name: bytes, kind: bytes, mode: int = 0o644, uid: int = 0, gid: int = 0, size: int = 0,
@@ -30,9 +30,23 @@ def _ustar(name: bytes, kind: bytes, mode: int = 0o644, uid: int = 0, gid: int =
     """A POSIX ustar header, byte for byte as tarfile writes it. Every field must fit:
     the caller moved what does not into PAX records. The checksum is summed over the
     fields that vary only; zero padding adds nothing to it."""
-    numbers = b"%07o\0%07o\0%07o\0%011o\0%011o\0" % (mode, uid, gid, size, mtime)
-    chksum = _FIXED_SUM + sum(name) + sum(numbers) + kind[0] + sum(linkname) + sum(device)
-    return _USTAR.pack(name, numbers, b"%06o\0 " % chksum, kind, linkname, _MAGIC, device)
+    owner = _owners.get((mode, uid, gid))
+    if owner is None:
+        if len(_owners) > 4096:
+            _owners.clear()
+        field = b"%07o\0%07o\0%07o\0" % (mode, uid, gid)
+        owner = _owners[(mode, uid, gid)] = (field, sum(field))
+    times = b"%011o\0%011o\0" % (size, mtime)
+    chksum = _FIXED_SUM + owner[1] + sum(times) + sum(name) + kind[0]
+    if linkname:
+        chksum += sum(linkname)
+    if device is not _NO_DEVICE:
+        chksum += sum(device) - _NO_DEVICE_SUM
+    return _USTAR.pack(name, owner[0] + times, b"%06o\0 " % chksum, kind, linkname, _MAGIC, device)
+
+
+# (mode, uid, gid) -> their three fields and the sum of their bytes: a layer has few.
+_owners: dict[tuple[int, int, int], tuple[bytes, int]] = {}
 
 
 def _pax_record(key: bytes, value: bytes) -> bytes:
@@ -49,13 +63,21 @@ def _pax_time(ns: int) -> bytes:
     return (b"%s%d.%09d" % (b"-" if ns < 0 else b"", seconds, rest)).rstrip(b"0").rstrip(b".")
 
 
-def _fits_ustar(raw: bytes, limit: int = 100) -> bool:
-    return len(raw) < limit and raw.isascii()
+def _pax_block(data: bytes) -> bytes:
+    """The extended header holding the PAX records ``data``, padded to whole blocks."""
+    header = _pax_headers.get(len(data))
+    if header is None:
+        if len(_pax_headers) > 4096:
+            _pax_headers.clear()
+        header = _pax_headers[len(data)] = _ustar(b"pax-header", tarfile.XHDTYPE, size=len(data))
+    return header + data + _ZEROS[:-len(data) % BLOCK]
 
 
-@functools.lru_cache(maxsize=4096)
-def _pax_ext_header(length: int) -> bytes:
-    return _ustar(b"pax-header", tarfile.XHDTYPE, size=length)
+_pax_headers: dict[int, bytes] = {}  # the length of the records -> their header
+_ZEROS = bytes(BLOCK)
+_DEVICES = (tarfile.CHRTYPE, tarfile.BLKTYPE)
+_ID_MAX = 8**7  # uid and gid in seven octal digits
+_SIZE_MAX = 8**11
 
 
 def entry_header(raw_name: bytes, kind: bytes, st: os.stat_result | None,
@@ -66,39 +88,46 @@ def entry_header(raw_name: bytes, kind: bytes, st: os.stat_result | None,
     The PAX records are written here rather than by tarfile, which marks any
     non-UTF-8 value (a binary ``security.capability``) with ``hdrcharset=BINARY``, a
     keyword GNU tar warns about. PAX records are length-prefixed, so raw bytes are
-    valid in them, and both GNU tar and tarfile read them back exactly.
+    valid in them, and both GNU tar and tarfile read them back exactly. The usual
+    entry (a short ASCII name, small ids, no xattrs) needs only its mtime's nanoseconds
+    there, so that one record is formatted directly.
     """
     records = []
-    if not _fits_ustar(raw_name):
+    if len(raw_name) >= 100 or not raw_name.isascii():
         records.append(_pax_record(b"path", raw_name))
         raw_name = b"pax-path"
-    if raw_link and not _fits_ustar(raw_link):
+    if raw_link and (len(raw_link) >= 100 or not raw_link.isascii()):
         records.append(_pax_record(b"linkpath", raw_link))
         raw_link = b"pax-linkpath"
-    if size >= 8**11:
+    if size >= _SIZE_MAX:
         records.append(_pax_record(b"size", b"%d" % size))
         size = 0
     if st is None:
         header = _ustar(raw_name, kind, size=size, linkname=raw_link)
     else:
         uid, gid = st.st_uid, st.st_gid
-        if uid >= 8**7:
+        if uid >= _ID_MAX:
             records.append(_pax_record(b"uid", b"%d" % uid))
             uid = 0
-        if gid >= 8**7:
+        if gid >= _ID_MAX:
             records.append(_pax_record(b"gid", b"%d" % gid))
             gid = 0
-        mtime_ns = st.st_mtime_ns
-        seconds, ns = divmod(mtime_ns, _NS)
-        if ns or seconds < 0:
-            records.append(_pax_record(b"mtime", _pax_time(mtime_ns)))
-        device = _NO_DEVICE
-        if kind == tarfile.CHRTYPE or kind == tarfile.BLKTYPE:
+        seconds, ns = divmod(st.st_mtime_ns, _NS)
+        if seconds < 0:
+            records.append(_pax_record(b"mtime", _pax_time(st.st_mtime_ns)))
+            seconds = 0
+        elif ns:
+            value = (b"%d.%09d" % (seconds, ns)).rstrip(b"0")
+            # "NN mtime=<value>\n" is len(value) + 10 bytes long while NN has two digits.
+            records.append(b"%d mtime=%s\n" % (len(value) + 10, value) if len(value) < 90
+                           else _pax_record(b"mtime", value))
+        if kind in _DEVICES:
             device = b"%07o\0%07o\0" % (os.major(st.st_rdev), os.minor(st.st_rdev))
-        header = _ustar(raw_name, kind, stat.S_IMODE(st.st_mode), uid, gid, size, max(seconds, 0), raw_link, device)
+            header = _ustar(raw_name, kind, st.st_mode & 0o7777, uid, gid, size, seconds, raw_link, device)
+        else:
+            header = _ustar(raw_name, kind, st.st_mode & 0o7777, uid, gid, size, seconds, raw_link)
     for key, value in xattrs:
         records.append(_pax_record(b"SCHILY.xattr." + key.encode(), value))
     if not records:
         return header
-    data = b"".join(records)
-    return _pax_ext_header(len(data)) + data + bytes(-len(data) % BLOCK) + header
+    return _pax_block(records[0] if len(records) == 1 else b"".join(records)) + header
