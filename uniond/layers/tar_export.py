@@ -88,6 +88,7 @@ _WHITEOUT_XATTRS = ("trusted.overlay.whiteout", "user.overlay.whiteout")  # D2
 _NAME = operator.attrgetter("name")
 _RAW_WHITEOUT = WHITEOUT_PREFIX.encode()
 _RAW_OPAQUE = OPAQUE_MARKER.encode()
+_ZEROS = bytes(BLOCK)
 
 
 def _listing(dir_fd: int) -> list[os.DirEntry[str]]:
@@ -130,14 +131,21 @@ class _Export:
                             f"the mount holds {'/' + prefix + name!r}: a layer cannot carry a name starting with "
                             f"{WHITEOUT_PREFIX!r}, every reader would take it for a whiteout (E3); rename it"
                         )
-                    raw = raw_prefix + os.fsencode(name)
+                    raw = raw_prefix + name.encode("utf-8", "surrogateescape")
                     try:
-                        child = self._entry(dir_fd, entry, raw, prefix + name)
+                        if entry.is_file(follow_symlinks=False):
+                            if self._regular(dir_fd, name, raw, prefix):
+                                continue
+                        elif entry.is_dir(follow_symlinks=False):
+                            child = self._directory(dir_fd, name, raw, prefix)
+                            if child is not None:
+                                stack.append((child, raw + b"/", prefix + name + "/", iter(_listing(child))))
+                                break
+                            continue
+                        # Neither a directory nor a regular file, or no longer what the listing said.
+                        self._other(dir_fd, name, raw, prefix + name)
                     except FileNotFoundError:
                         continue  # gone since the listing: a live mount's upper
-                    if child is not None:
-                        stack.append((child, raw + b"/", prefix + name + "/", iter(_listing(child))))
-                        break
                 else:
                     stack.pop()
                     os.close(dir_fd)
@@ -145,33 +153,16 @@ class _Export:
             for dir_fd, *_ in stack:
                 os.close(dir_fd)
 
-    def _entry(self, dir_fd: int, entry: os.DirEntry[str], raw: bytes, rel: str) -> int | None:
-        """Writes one entry; returns the open descriptor of a directory to descend into."""
-        if entry.is_dir(follow_symlinks=False):
-            try:
-                fd = os.open(entry.name, _DIR_FLAGS, dir_fd=dir_fd)
-            except OSError as e:
-                if e.errno not in (errno.ENOTDIR, errno.ELOOP):
-                    raise
-            else:
-                return self._directory(fd, raw)
-        elif entry.is_file(follow_symlinks=False):
-            try:
-                fd = os.open(entry.name, _FILE_FLAGS, dir_fd=dir_fd)
-            except OSError as e:
-                if e.errno != errno.ELOOP:
-                    raise
-            else:
-                try:
-                    if self._regular(fd, raw, rel):
-                        return None
-                finally:
-                    os.close(fd)
-        # Neither a directory nor a regular file, or no longer what the listing said.
-        self._other(dir_fd, entry.name, raw, rel)
-        return None
-
-    def _directory(self, fd: int, raw: bytes) -> int:
+    def _directory(self, dir_fd: int, name: str, raw: bytes, prefix: str) -> int | None:
+        """Writes a directory; returns its open descriptor to descend into, or None if
+        it is no longer a directory."""
+        try:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+        except OSError as e:
+            if e.errno not in (errno.ENOTDIR, errno.ELOOP):
+                raise
+            self._other(dir_fd, name, raw, prefix + name)
+            return None
         try:
             st = os.fstat(fd)
             names = tree.list_xattrs(fd)
@@ -187,40 +178,53 @@ class _Export:
             raise
         return fd
 
-    def _regular(self, fd: int, raw: bytes, rel: str) -> bool:
-        """A regular file, read through its own descriptor; False if it no longer is one."""
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return False
-        size = st.st_size
-        names = tree.list_xattrs(fd)
-        if names:
-            if not size and any(name in names for name in _WHITEOUT_XATTRS):
-                self._whiteout(raw)  # D2, the xattr form
+    def _regular(self, dir_fd: int, name: str, raw: bytes, prefix: str) -> bool:
+        """A regular file, read through its own descriptor; False if it no longer is one.
+        The path every file of a layer takes: kept to as few calls as it can be."""
+        try:
+            fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return False  # a symlink now
+            raise
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return False
+            size = st.st_size
+            try:
+                names = os.listxattr(fd)
+            except OSError as e:
+                if e.errno not in (errno.ENOTSUP, errno.EPERM):
+                    raise
+                names = None
+            if names:
+                if not size and any(name in names for name in _WHITEOUT_XATTRS):
+                    self._whiteout(raw)  # D2, the xattr form
+                    return True
+                xattrs = tree.read_xattrs(fd, names)
+            else:
+                xattrs = ()
+            if st.st_nlink > 1 and self._linked(st, raw, xattrs):
                 return True
-            xattrs = tree.read_xattrs(fd, names)
-        else:
-            xattrs = ()
-        if self._linked(st, raw, xattrs):
+            header = entry_header(raw, tarfile.REGTYPE, st, xattrs, size)
+            self.entries += 1
+            if size < _SENDFILE_MIN:
+                data = os.read(fd, size)
+                if len(data) == size:  # the usual case, in one write: header, data, padding
+                    self.write(header + data + _ZEROS[:-size % BLOCK] if size % BLOCK else header + data)
+                    return True
+                self.write(header + data)
+                _copy_rest(self.out, fd, size, size - len(data), self.what, prefix + name)
+            else:
+                self.write(header)
+                _copy_rest(self.out, fd, size, size, self.what, prefix + name)
             return True
-        header = entry_header(raw, tarfile.REGTYPE, st, xattrs, size)
-        self.entries += 1
-        if size < _SENDFILE_MIN:
-            data = os.read(fd, size) if size else b""
-            if len(data) == size:  # the usual case, in one write: header, data, padding
-                self.write(header + data + bytes(-size % BLOCK))
-                return True
-            self.write(header + data)
-            _copy_rest(self.out, fd, size, size - len(data), self.what, rel)
-        else:
-            self.write(header)
-            _copy_rest(self.out, fd, size, size, self.what, rel)
-        return True
+        finally:
+            os.close(fd)
 
     def _linked(self, st: os.stat_result, raw: bytes, xattrs: tuple[tuple[str, bytes], ...]) -> bool:
         """D7: a second name of an inode already in the layer becomes a hard link to the first."""
-        if st.st_nlink < 2:
-            return False
         key = (st.st_dev, st.st_ino)
         first = self.first_names.get(key)
         if first is None:
@@ -251,7 +255,7 @@ class _Export:
             return
         path = f"/proc/self/fd/{dir_fd}/{name}"  # the last component is never followed
         xattrs = tree.read_xattrs(path)
-        if self._linked(st, raw, xattrs):
+        if st.st_nlink > 1 and self._linked(st, raw, xattrs):
             return
         if stat.S_ISLNK(mode):
             target = os.fsencode(os.readlink(name, dir_fd=dir_fd))
