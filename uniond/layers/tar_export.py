@@ -21,7 +21,7 @@ from uniond.errors import InvalidArgument
 from uniond.layers import tree
 from uniond.layers.compress import MEDIA_TYPES, Compressing, check_compression, sha256_digest
 from uniond.layers.stream import CHUNK, Sink, check_fd
-from uniond.layers.tar_header import BLOCK, RECORD, entry_header
+from uniond.layers.tar_header import BLOCK, RECORD, entry_header, file_headers
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,14 @@ class _Counted:
         self.length += len(data)
         self._pieces.append(data)
         self._gathered += len(data)
+        if self._gathered >= CHUNK:
+            self.flush()
+
+    def write_pieces(self, pieces: tuple[bytes, ...], length: int) -> None:
+        """``pieces`` in order, ``length`` bytes in all: no copy until the flush."""
+        self.length += length
+        self._pieces += pieces
+        self._gathered += length
         if self._gathered >= CHUNK:
             self.flush()
 
@@ -207,17 +215,22 @@ class _Export:
                 xattrs = ()
             if st.st_nlink > 1 and self._linked(st, raw, xattrs):
                 return True
-            header = entry_header(raw, tarfile.REGTYPE, st, xattrs, size)
             self.entries += 1
             if size < _SENDFILE_MIN:
+                if xattrs:
+                    header = entry_header(raw, tarfile.REGTYPE, st, xattrs, size)
+                    headers, length = (header,), len(header)
+                else:
+                    headers, length = file_headers(raw, st, size)
                 data = os.read(fd, size)
-                if len(data) == size:  # the usual case, in one write: header, data, padding
-                    self.write(header + data + _ZEROS[:-size % BLOCK] if size % BLOCK else header + data)
+                if len(data) == size:  # the usual case: headers, data, padding, not copied once more
+                    pad = -size % BLOCK
+                    self.out.write_pieces((*headers, data, _ZEROS[:pad]), length + size + pad)
                     return True
-                self.write(header + data)
+                self.write(b"".join(headers) + data)
                 _copy_rest(self.out, fd, size, size - len(data), self.what, prefix + name)
             else:
-                self.write(header)
+                self.write(entry_header(raw, tarfile.REGTYPE, st, xattrs, size))
                 _copy_rest(self.out, fd, size, size, self.what, prefix + name)
             return True
         finally:

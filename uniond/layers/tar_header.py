@@ -131,3 +131,39 @@ def entry_header(raw_name: bytes, kind: bytes, st: os.stat_result | None,
     if not records:
         return header
     return _pax_block(records[0] if len(records) == 1 else b"".join(records)) + header
+
+
+def file_headers(raw_name: bytes, st: os.stat_result, size: int) -> tuple[tuple[bytes, ...], int]:
+    """The headers of a regular file without xattrs, as pieces to write in order, and
+    their length: the same bytes as ``entry_header(raw_name, REGTYPE, st, (), size)``.
+
+    A layer of small files is mostly this case, so it skips the general path's
+    checks and concatenations: a short ASCII name, ids and size that fit, and at most
+    one PAX record, the mtime's nanoseconds.
+    """
+    mtime_ns = st.st_mtime_ns
+    mode, uid, gid = st.st_mode & 0o7777, st.st_uid, st.st_gid
+    if (len(raw_name) >= 100 or not raw_name.isascii() or size >= _SIZE_MAX or uid >= _ID_MAX or gid >= _ID_MAX
+            or mtime_ns < 0):
+        header = entry_header(raw_name, tarfile.REGTYPE, st, (), size)
+        return (header,), len(header)
+    seconds, ns = divmod(mtime_ns, _NS)
+    owner = _owners.get((mode, uid, gid))
+    if owner is None:
+        header = entry_header(raw_name, tarfile.REGTYPE, st, (), size)  # and caches the owner
+        return (header,), len(header)
+    times = b"%011o\0%011o\0" % (size, seconds)
+    header = _USTAR.pack(raw_name, owner[0] + times, b"%06o\0 " % (_REG_SUM + owner[1] + sum(times) + sum(raw_name)),
+                         tarfile.REGTYPE, b"", _MAGIC, _NO_DEVICE)
+    if not ns:
+        return (header,), BLOCK
+    value = (b"%d.%09d" % (seconds, ns)).rstrip(b"0")
+    record = b"%d mtime=%s\n" % (len(value) + 10, value)  # see entry_header
+    pax = _pax_headers.get(len(record))
+    if pax is None:
+        pax = _pax_block(record)
+        return (pax, header), len(pax) + BLOCK
+    return (pax, record, _ZEROS[len(record):], header), 3 * BLOCK
+
+
+_REG_SUM = _FIXED_SUM + tarfile.REGTYPE[0]
