@@ -530,6 +530,32 @@ def _layer_calls_as_nobody(bus, mount, dirs):
     return out.stdout.splitlines()
 
 
+def test_an_upper_nested_deeper_than_the_recursion_limit_exports(tmp_path):
+    """PATH_MAX lets a user nest directories about 2,000 deep; the export walks them
+    without recursion (it used to fail with RecursionError past ~1,000), and GNU tar
+    lists every level."""
+    from uniond.layers import tar as layertar
+
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    depth = 1500
+    fd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir("d", dir_fd=fd)
+            inner = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        os.close(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+    with open(tmp_path / "layer.tar", "wb") as f:
+        assert layertar.export_diff(str(upper), f.fileno()).entries == depth + 1
+    gnu = subprocess.run(["tar", "-tf", str(tmp_path / "layer.tar")], capture_output=True, check=True)
+    names = gnu.stdout.decode().splitlines()
+    assert len(names) == depth + 1 and names[-1] == "d/" * depth + "f"
+
+
 def test_layer_methods_need_their_polkit_actions(client, layers, bus, polkit, user_dirs):
     t = layers
     path = client.mount([t / "image1"], t / "upper", t / "merge")
