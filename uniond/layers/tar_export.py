@@ -21,7 +21,7 @@ from uniond.errors import InvalidArgument
 from uniond.layers import tree
 from uniond.layers.compress import MEDIA_TYPES, Compressing, check_compression, sha256_digest
 from uniond.layers.stream import CHUNK, Sink, check_fd
-from uniond.layers.tar_header import BLOCK, RECORD, entry_header, file_headers
+from uniond.layers.tar_header import BLOCK, RECORD, entry_header, file_entry
 
 log = logging.getLogger(__name__)
 
@@ -217,17 +217,16 @@ class _Export:
                 return True
             self.entries += 1
             if size < _SENDFILE_MIN:
-                if xattrs:
-                    header = entry_header(raw, tarfile.REGTYPE, st, xattrs, size)
-                    headers, length = (header,), len(header)
-                else:
-                    headers, length = file_headers(raw, st, size)
-                data = os.read(fd, size)
+                data = os.read(fd, size) if size else b""
                 if len(data) == size:  # the usual case: headers, data, padding, not copied once more
-                    pad = -size % BLOCK
-                    self.out.write_pieces((*headers, data, _ZEROS[:pad]), length + size + pad)
+                    if xattrs:
+                        header = entry_header(raw, tarfile.REGTYPE, st, xattrs, size)
+                        pad = -size % BLOCK
+                        self.out.write_pieces((header, data, _ZEROS[:pad]), len(header) + size + pad)
+                    else:
+                        self.out.write_pieces(*file_entry(raw, st, data))
                     return True
-                self.write(b"".join(headers) + data)
+                self.write(entry_header(raw, tarfile.REGTYPE, st, xattrs, size) + data)
                 _copy_rest(self.out, fd, size, size - len(data), self.what, prefix + name)
             else:
                 self.write(entry_header(raw, tarfile.REGTYPE, st, xattrs, size))

@@ -133,37 +133,38 @@ def entry_header(raw_name: bytes, kind: bytes, st: os.stat_result | None,
     return _pax_block(records[0] if len(records) == 1 else b"".join(records)) + header
 
 
-def file_headers(raw_name: bytes, st: os.stat_result, size: int) -> tuple[tuple[bytes, ...], int]:
-    """The headers of a regular file without xattrs, as pieces to write in order, and
-    their length: the same bytes as ``entry_header(raw_name, REGTYPE, st, (), size)``.
+def file_entry(raw_name: bytes, st: os.stat_result, data: bytes) -> tuple[tuple[bytes, ...], int]:
+    """A whole small regular file without xattrs, ``data`` its content: the pieces to
+    write in order (headers, data, padding), and their length. The same bytes as
+    ``entry_header(raw_name, REGTYPE, st, (), len(data))`` followed by the padded data.
 
-    A layer of small files is mostly this case, so it skips the general path's
-    checks and concatenations: a short ASCII name, ids and size that fit, and at most
-    one PAX record, the mtime's nanoseconds.
+    A layer of small files is mostly this case, so it skips the general path's checks
+    and concatenations: a short ASCII name, ids that fit, and at most one PAX record,
+    the mtime's nanoseconds.
     """
+    size = len(data)
+    pad = _ZEROS[:-size % BLOCK]
     mtime_ns = st.st_mtime_ns
     mode, uid, gid = st.st_mode & 0o7777, st.st_uid, st.st_gid
-    if (len(raw_name) >= 100 or not raw_name.isascii() or size >= _SIZE_MAX or uid >= _ID_MAX or gid >= _ID_MAX
-            or mtime_ns < 0):
-        header = entry_header(raw_name, tarfile.REGTYPE, st, (), size)
-        return (header,), len(header)
-    seconds, ns = divmod(mtime_ns, _NS)
     owner = _owners.get((mode, uid, gid))
-    if owner is None:
-        header = entry_header(raw_name, tarfile.REGTYPE, st, (), size)  # and caches the owner
-        return (header,), len(header)
+    if (owner is None or len(raw_name) >= 100 or not raw_name.isascii() or uid >= _ID_MAX or gid >= _ID_MAX
+            or mtime_ns < 0):
+        header = entry_header(raw_name, tarfile.REGTYPE, st, (), size)  # which caches the owner
+        return (header, data, pad), len(header) + size + len(pad)
+    seconds, ns = divmod(mtime_ns, _NS)
     times = b"%011o\0%011o\0" % (size, seconds)
     header = _USTAR.pack(raw_name, owner[0] + times, b"%06o\0 " % (_REG_SUM + owner[1] + sum(times) + sum(raw_name)),
                          tarfile.REGTYPE, b"", _MAGIC, _NO_DEVICE)
     if not ns:
-        return (header,), BLOCK
+        return (header, data, pad), BLOCK + size + len(pad)
     value = (b"%d.%09d" % (seconds, ns)).rstrip(b"0")
     record = b"%d mtime=%s\n" % (len(value) + 10, value)  # see entry_header
-    pax = _pax_headers.get(len(record))
-    if pax is None:
-        pax = _pax_block(record)
-        return (pax, header), len(pax) + BLOCK
-    return (pax, record, _ZEROS[len(record):], header), 3 * BLOCK
+    block = _mtime_blocks.get(len(record))
+    if block is None:
+        block = _mtime_blocks[len(record)] = (_pax_block(record)[:BLOCK], _ZEROS[len(record):])
+    return (block[0], record, block[1], header, data, pad), 3 * BLOCK + size + len(pad)
 
 
+# The length of an mtime record -> its extended header and the zeros that end its block.
+_mtime_blocks: dict[int, tuple[bytes, bytes]] = {}
 _REG_SUM = _FIXED_SUM + tarfile.REGTYPE[0]
