@@ -533,12 +533,17 @@ def _layer_calls_as_nobody(bus, mount, dirs):
 def test_an_upper_nested_deeper_than_the_recursion_limit_exports(tmp_path):
     """PATH_MAX lets a user nest directories about 2,000 deep; the export walks them
     without recursion (it used to fail with RecursionError past ~1,000), and GNU tar
-    lists every level."""
+    lists every level. The walk holds a descriptor per level: the daemon raises its
+    soft descriptor limit to the hard one at start, as this test does."""
+    import resource
+
     from uniond.layers import tar as layertar
 
     upper = tmp_path / "upper"
     upper.mkdir()
     depth = 1500
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limits[1], limits[1]))
     fd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for _ in range(depth):
@@ -554,6 +559,7 @@ def test_an_upper_nested_deeper_than_the_recursion_limit_exports(tmp_path):
         names = gnu.stdout.decode().splitlines()
         assert len(names) == depth + 1 and names[-1] == "d/" * depth + "f"
     finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
         _flatten(upper)
 
 

@@ -115,8 +115,9 @@ class _Export:
     Every system call names an entry relative to its open directory (and a regular
     file's metadata and xattrs are read from its own descriptor), so the kernel never
     resolves a whole path again, let alone the /proc/self/fd/N path the upper is
-    handed over as: that resolution was most of an export of small files. The walk
-    keeps one descriptor per level and no recursion, so depth costs no stack.
+    handed over as: that resolution was about half of an export of small files. The
+    walk keeps one descriptor per level (the daemon's soft descriptor limit is raised
+    to the hard one at start) and no recursion, so depth costs no stack.
     """
 
     def __init__(self, out: _Counted, what: str) -> None:
