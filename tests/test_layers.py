@@ -533,6 +533,63 @@ def _layer_calls_as_nobody(bus, mount, dirs):
     return out.stdout.splitlines()
 
 
+def test_an_upper_nested_deeper_than_the_recursion_limit_exports(tmp_path):
+    """PATH_MAX lets a user nest directories about 2,000 deep; the export walks them
+    without recursion (it used to fail with RecursionError past ~1,000), and GNU tar
+    lists every level. The walk holds a descriptor per level: the daemon raises its
+    soft descriptor limit to the hard one at start, as this test does."""
+    import resource
+
+    from uniond.layers import tar as layertar
+
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    depth = 1500
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limits[1], limits[1]))
+    fd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir("d", dir_fd=fd)
+            inner = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        os.close(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+        os.close(fd)
+        with open(tmp_path / "layer.tar", "wb") as f:
+            assert layertar.export_diff(str(upper), f.fileno()).entries == depth + 1
+        gnu = subprocess.run(["tar", "-tf", str(tmp_path / "layer.tar")], capture_output=True, check=True)
+        names = gnu.stdout.decode().splitlines()
+        assert len(names) == depth + 1 and names[-1] == "d/" * depth + "f"
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+        _flatten(upper)
+
+
+def _flatten(top) -> None:
+    """Removes a chain of nested "d" directories level by level, each level's child moved
+    up before it goes: shutil.rmtree (and so pytest's cleanup) recurses once per level."""
+    top_fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        while True:
+            try:
+                fd = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=top_fd)
+            except FileNotFoundError:
+                return
+            try:
+                with os.scandir(fd) as it:
+                    names = [e.name for e in it]
+                for name in names:
+                    os.rename(name, f"up-{name}", src_dir_fd=fd, dst_dir_fd=top_fd)
+            finally:
+                os.close(fd)
+            os.rmdir("d", dir_fd=top_fd)
+            if "d" in names:
+                os.rename("up-d", "d", src_dir_fd=top_fd, dst_dir_fd=top_fd)
+    finally:
+        os.close(top_fd)
+
+
 def test_layer_methods_need_their_polkit_actions(client, layers, bus, polkit, user_dirs):
     t = layers
     path = client.mount([t / "image1"], t / "upper", t / "merge")

@@ -82,13 +82,20 @@ class Sink:
     def write(self, data: bytes | bytearray | memoryview) -> int:
         if self._hasher is not None:
             self._hasher.update(data)
-        self._buf += data
-        if len(self._buf) >= CHUNK:
-            self._drain()
+        if not self._buf and len(data) >= CHUNK:
+            self._write_all(data)  # already a large piece: no copy into the buffer
+        else:
+            self._buf += data
+            if len(self._buf) >= CHUNK:
+                self._drain()
         return len(data)
 
     def _drain(self) -> None:
-        view = memoryview(self._buf)
+        self._write_all(self._buf)
+        self._buf.clear()
+
+    def _write_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
         try:
             while view:
                 try:
@@ -102,7 +109,6 @@ class Sink:
                 view = view[n:]
         finally:
             view.release()
-        self._buf.clear()
 
     def flush(self) -> None:
         self._drain()

@@ -8,12 +8,12 @@ out would make a stacked layer show hard links the mount did not show.
 """
 from __future__ import annotations
 
-import functools
+import errno
 import hashlib
 import logging
+import operator
 import os
 import stat
-import struct
 import tarfile
 from dataclasses import dataclass
 
@@ -21,14 +21,13 @@ from uniond.errors import InvalidArgument
 from uniond.layers import tree
 from uniond.layers.compress import MEDIA_TYPES, Compressing, check_compression, sha256_digest
 from uniond.layers.stream import CHUNK, Sink, check_fd
+from uniond.layers.tar_header import BLOCK, RECORD, entry_header, file_entry
 
 log = logging.getLogger(__name__)
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 AUFS_META_PREFIX = ".wh..wh."  # AUFS bookkeeping (.wh..wh.plnk, ...): not content
-_BLOCK = tarfile.BLOCKSIZE
-_RECORD = tarfile.RECORDSIZE
 
 
 @dataclass(frozen=True)
@@ -40,151 +39,279 @@ class ExportResult:
     media_type: str = ""
 
 
-def _pax_time(ns: int) -> str:
-    seconds, rest = divmod(abs(ns), 1_000_000_000)
-    return f"{'-' if ns < 0 else ''}{seconds}.{rest:09d}".rstrip("0").rstrip(".")
-
-
-def _pax_record(key: str, value: bytes) -> bytes:
-    body = b" " + key.encode() + b"=" + value + b"\n"
-    n = len(body) + 1
-    while len(str(n)) + len(body) != n:
-        n = len(str(n)) + len(body)
-    return str(n).encode() + body
-
-
-def _fits_ustar(raw: bytes, limit: int = 100) -> bool:
-    return len(raw) < limit and raw.isascii()
-
-
-_USTAR = struct.Struct("100s8s8s8s12s12s8s1s100s6s2s32s32s8s8s155s12s")
-_BLANK_CHKSUM = b" " * 8
-
-
-def _ustar(name: bytes, kind: bytes, mode: int = 0o644, uid: int = 0, gid: int = 0, size: int = 0,
-           mtime: int = 0, linkname: bytes = b"", devmajor: int = 0, devminor: int = 0) -> bytes:
-    """A POSIX ustar header, as tarfile writes it, at a fraction of TarInfo.tobuf's cost
-    (which was two thirds of an export of small files). Every field must fit: the
-    caller moved what does not into PAX records."""
-    fields = [name, b"%07o\0" % mode, b"%07o\0" % uid, b"%07o\0" % gid, b"%011o\0" % size,
-              b"%011o\0" % mtime, _BLANK_CHKSUM, kind, linkname, b"ustar\0", b"00", b"", b"",
-              b"%07o\0" % devmajor, b"%07o\0" % devminor, b"", b""]
-    fields[6] = b"%06o\0 " % sum(b"".join(fields))  # the zero padding adds nothing to the sum
-    return _USTAR.pack(*fields)
-
-
-@functools.lru_cache(maxsize=4096)
-def _pax_ext_header(length: int) -> bytes:
-    return _ustar(b"pax-header", tarfile.XHDTYPE, size=length)
-
-
-def _header(name: str, kind: bytes, st: os.stat_result | None, xattrs: tuple[tuple[str, bytes], ...] = (),
-            size: int = 0, linkname: str = "") -> bytes:
-    """One entry's headers: a PAX extended header when needed, then the ustar header.
-
-    The PAX records are written here rather than by tarfile, which marks any
-    non-UTF-8 value (a binary ``security.capability``) with ``hdrcharset=BINARY``, a
-    keyword GNU tar warns about. PAX records are length-prefixed, so raw bytes are
-    valid in them, and both GNU tar and tarfile read them back exactly.
-    """
-    records = []
-    raw_name = name.encode("utf-8", "surrogateescape") + (b"/" if kind == tarfile.DIRTYPE else b"")
-    if not _fits_ustar(raw_name):
-        records.append(_pax_record("path", raw_name))
-        raw_name = b"pax-path"
-    raw_link = linkname.encode("utf-8", "surrogateescape")
-    if not _fits_ustar(raw_link):
-        records.append(_pax_record("linkpath", raw_link))
-        raw_link = b"pax-linkpath"
-    if size >= 8**11:
-        records.append(_pax_record("size", str(size).encode()))
-        size = 0
-    if st is None:
-        header = _ustar(raw_name, kind, size=size, linkname=raw_link)
-    else:
-        ids = []
-        for field, value in (("uid", st.st_uid), ("gid", st.st_gid)):
-            if value >= 8**7:
-                records.append(_pax_record(field, str(value).encode()))
-                value = 0
-            ids.append(value)
-        seconds, ns = divmod(st.st_mtime_ns, 1_000_000_000)
-        if ns or seconds < 0:
-            records.append(_pax_record("mtime", _pax_time(st.st_mtime_ns).encode()))  # exact, unlike a float
-        device = kind in (tarfile.CHRTYPE, tarfile.BLKTYPE)
-        header = _ustar(raw_name, kind, stat.S_IMODE(st.st_mode), ids[0], ids[1], size, max(seconds, 0), raw_link,
-                        os.major(st.st_rdev) if device else 0, os.minor(st.st_rdev) if device else 0)
-    for key, value in xattrs:
-        records.append(_pax_record(f"SCHILY.xattr.{key}", value))
-    if not records:
-        return header
-    data = b"".join(records)
-    return _pax_ext_header(len(data)) + data + bytes(-len(data) % _BLOCK) + header
-
-
 class _Counted:
-    """The uncompressed tar stream's length, for padding its end to a whole record, and
-    its sha256 when a diff_id is wanted."""
+    """The uncompressed tar stream, gathered into pieces of about CHUNK bytes before it
+    goes on (one join and one write per piece rather than per entry); its length, for
+    padding its end to a whole record; its sha256 when a diff_id is wanted."""
 
     def __init__(self, out: Sink | Compressing, sink: Sink | None, hashing: bool) -> None:
         self.out = out
         self.sink = sink  # the fd itself when nothing compresses and nothing hashes: sendfile
-        self.length = 0
+        self.length = 0  # including what is still gathered
         self.hasher = hashlib.sha256() if hashing else None
+        self._pieces: list[bytes] = []
+        self._gathered = 0
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes) -> None:
         self.length += len(data)
+        self._pieces.append(data)
+        self._gathered += len(data)
+        if self._gathered >= CHUNK:
+            self.flush()
+
+    def write_pieces(self, pieces: tuple[bytes, ...], length: int) -> None:
+        """``pieces`` in order, ``length`` bytes in all: no copy until the flush."""
+        self.length += length
+        self._pieces += pieces
+        self._gathered += length
+        if self._gathered >= CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pieces:
+            return
+        data = b"".join(self._pieces)
+        self._pieces.clear()
+        self._gathered = 0
         if self.hasher is not None:
             self.hasher.update(data)
-        return self.out.write(data)
+        self.out.write(data)
+
+    def sendfile(self, fd: int, size: int) -> int:
+        """Copy up to ``size`` bytes of ``fd`` straight to the caller's fd (see ``sink``)."""
+        assert self.sink is not None
+        self.flush()
+        done = self.sink.sendfile(fd, size)
+        self.length += done
+        return done
 
 
 _SENDFILE_MIN = 1 << 16
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# A regular file as the listing saw it; should it have become a FIFO or a device since,
+# opening it must neither wait for a writer nor make it a controlling terminal.
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")  # D3
+_WHITEOUT_XATTRS = ("trusted.overlay.whiteout", "user.overlay.whiteout")  # D2
+_NAME = operator.attrgetter("name")
+_RAW_WHITEOUT = WHITEOUT_PREFIX.encode()
+_RAW_OPAQUE = OPAQUE_MARKER.encode()
+_ZEROS = bytes(BLOCK)
 
 
-def _copy_into(out: _Counted, path: str, size: int, header: bytes, what: str, rel: str) -> None:
-    """File data, exactly ``size`` bytes: a file that shrank meanwhile is padded, one that
-    grew is cut, as the header already promised ``size`` (GNU tar does the same).
+def _listing(dir_fd: int) -> list[os.DirEntry[str]]:
+    """Siblings sorted by name (D1, E2): the same upper always gives the same bytes."""
+    try:
+        with os.scandir(dir_fd) as it:
+            return sorted(it, key=_NAME)
+    except FileNotFoundError:
+        return []  # removed since its parent was listed: a live mount's upper
+
+
+class _Export:
+    """One export: the upper walked through directory descriptors, parents before
+    children, each entry written as it is met.
+
+    Every system call names an entry relative to its open directory (and a regular
+    file's metadata and xattrs are read from its own descriptor), so the kernel never
+    resolves a whole path again, let alone the /proc/self/fd/N path the upper is
+    handed over as: that resolution was about half of an export of small files. The
+    walk keeps one descriptor per level (the daemon's soft descriptor limit is raised
+    to the hard one at start) and no recursion, so depth costs no stack.
+    """
+
+    def __init__(self, out: _Counted, what: str) -> None:
+        self.out = out
+        self.write = out.write
+        self.what = what
+        self.first_names: dict[tuple[int, int], bytes] = {}  # D7: (dev, ino) -> first name in the layer
+        self.entries = 0
+
+    def run(self, upperdir: str) -> None:
+        root = os.open(upperdir, _DIR_FLAGS)
+        stack = [(root, b"", "", iter(_listing(root)))]
+        try:
+            while stack:
+                dir_fd, raw_prefix, prefix, pending = stack[-1]
+                for entry in pending:
+                    name = entry.name
+                    if name.startswith(WHITEOUT_PREFIX):
+                        raise InvalidArgument(
+                            f"the mount holds {'/' + prefix + name!r}: a layer cannot carry a name starting with "
+                            f"{WHITEOUT_PREFIX!r}, every reader would take it for a whiteout (E3); rename it"
+                        )
+                    raw = raw_prefix + name.encode("utf-8", "surrogateescape")
+                    try:
+                        if entry.is_file(follow_symlinks=False):
+                            if self._regular(dir_fd, name, raw, prefix):
+                                continue
+                        elif entry.is_dir(follow_symlinks=False):
+                            child = self._directory(dir_fd, name, raw, prefix)
+                            if child is not None:
+                                stack.append((child, raw + b"/", prefix + name + "/", iter(_listing(child))))
+                                break
+                            continue
+                        # Neither a directory nor a regular file, or no longer what the listing said.
+                        self._other(dir_fd, name, raw, prefix + name)
+                    except FileNotFoundError:
+                        continue  # gone since the listing: a live mount's upper
+                else:
+                    stack.pop()
+                    os.close(dir_fd)
+        finally:
+            for dir_fd, *_ in stack:
+                os.close(dir_fd)
+
+    def _directory(self, dir_fd: int, name: str, raw: bytes, prefix: str) -> int | None:
+        """Writes a directory; returns its open descriptor to descend into, or None if
+        it is no longer a directory."""
+        try:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+        except OSError as e:
+            if e.errno not in (errno.ENOTDIR, errno.ELOOP):
+                raise
+            self._other(dir_fd, name, raw, prefix + name)
+            return None
+        try:
+            st = os.fstat(fd)
+            names = tree.list_xattrs(fd)
+            opaque = any(name in names and _getxattr(fd, name) == b"y" for name in _OPAQUE_XATTRS)
+            self.write(entry_header(raw + b"/", tarfile.DIRTYPE, st, tree.read_xattrs(fd, names)))
+            self.entries += 1
+            if opaque:
+                # E1: the directory entry, without overlay xattrs, then its marker.
+                self.write(entry_header(raw + b"/" + _RAW_OPAQUE, tarfile.REGTYPE, None))
+                self.entries += 1
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _regular(self, dir_fd: int, name: str, raw: bytes, prefix: str) -> bool:
+        """A regular file, read through its own descriptor; False if it no longer is one.
+        The path every file of a layer takes: kept to as few calls as it can be."""
+        try:
+            fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return False  # a symlink now
+            raise
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return False
+            size = st.st_size
+            try:
+                names = os.listxattr(fd)
+            except OSError as e:
+                if e.errno not in (errno.ENOTSUP, errno.EPERM):
+                    raise
+                names = None
+            if names:
+                if not size and any(name in names for name in _WHITEOUT_XATTRS):
+                    self._whiteout(raw)  # D2, the xattr form
+                    return True
+                xattrs = tree.read_xattrs(fd, names)
+            else:
+                xattrs = ()
+            if st.st_nlink > 1 and self._linked(st, raw, xattrs):
+                return True
+            self.entries += 1
+            if size < _SENDFILE_MIN:
+                data = os.read(fd, size) if size else b""
+                if len(data) == size:  # the usual case: headers, data, padding, not copied once more
+                    if xattrs:
+                        header = entry_header(raw, tarfile.REGTYPE, st, xattrs, size)
+                        pad = -size % BLOCK
+                        self.out.write_pieces((header, data, _ZEROS[:pad]), len(header) + size + pad)
+                    else:
+                        self.out.write_pieces(*file_entry(raw, st, data))
+                    return True
+                self.write(entry_header(raw, tarfile.REGTYPE, st, xattrs, size) + data)
+                _copy_rest(self.out, fd, size, size - len(data), self.what, prefix + name)
+            else:
+                self.write(entry_header(raw, tarfile.REGTYPE, st, xattrs, size))
+                _copy_rest(self.out, fd, size, size, self.what, prefix + name)
+            return True
+        finally:
+            os.close(fd)
+
+    def _linked(self, st: os.stat_result, raw: bytes, xattrs: tuple[tuple[str, bytes], ...]) -> bool:
+        """D7: a second name of an inode already in the layer becomes a hard link to the first."""
+        key = (st.st_dev, st.st_ino)
+        first = self.first_names.get(key)
+        if first is None:
+            self.first_names[key] = raw
+            return False
+        self.write(entry_header(raw, tarfile.LNKTYPE, st, xattrs, raw_link=first))
+        self.entries += 1
+        return True
+
+    def _whiteout(self, raw: bytes) -> None:
+        """E1: a deletion is an empty regular file named .wh.<name>."""
+        head, _, base = raw.rpartition(b"/")
+        self.write(entry_header(head + b"/" + _RAW_WHITEOUT + base if head else _RAW_WHITEOUT + base,
+                                tarfile.REGTYPE, None))
+        self.entries += 1
+
+    def _other(self, dir_fd: int, name: str, raw: bytes, rel: str) -> None:
+        """Symlinks, FIFOs, devices, whiteout devices (D2, D8): few, so read by name."""
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        mode = st.st_mode
+        if stat.S_ISCHR(mode) and st.st_rdev == 0:
+            self._whiteout(raw)
+            return
+        if stat.S_ISSOCK(mode):
+            return  # D8: a socket is no content
+        if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+            log.warning("%s: /%s changed type while the layer was written; left out", self.what, rel)
+            return
+        path = f"/proc/self/fd/{dir_fd}/{name}"  # the last component is never followed
+        xattrs = tree.read_xattrs(path)
+        if st.st_nlink > 1 and self._linked(st, raw, xattrs):
+            return
+        if stat.S_ISLNK(mode):
+            target = os.fsencode(os.readlink(name, dir_fd=dir_fd))
+            self.write(entry_header(raw, tarfile.SYMTYPE, st, xattrs, raw_link=target))
+        elif stat.S_ISFIFO(mode):
+            self.write(entry_header(raw, tarfile.FIFOTYPE, st, xattrs))
+        elif stat.S_ISCHR(mode):
+            self.write(entry_header(raw, tarfile.CHRTYPE, st, xattrs))
+        elif stat.S_ISBLK(mode):
+            self.write(entry_header(raw, tarfile.BLKTYPE, st, xattrs))
+        else:
+            return
+        self.entries += 1
+
+
+def _getxattr(fd: int, name: str) -> bytes | None:
+    try:
+        return os.getxattr(fd, name)
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+            return None
+        raise
+
+
+def _copy_rest(out: _Counted, fd: int, size: int, left: int, what: str, rel: str) -> None:
+    """The rest of a file's data after its header, so that exactly ``size`` bytes follow:
+    a file that shrank meanwhile is padded, one that grew is cut, as the header already
+    promised ``size`` (GNU tar does the same).
 
     Into an uncompressed stream, large files go by sendfile(2): the kernel moves the
     pages, nothing passes through Python.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        # Deleted since the walk saw it (a live mount): its header is written, so zeros follow.
-        log.warning("%s: /%s vanished while the layer was written; its content is zeros", what, rel)
-        out.write(header + bytes(size + (-size % _BLOCK)) if size < _SENDFILE_MIN else header)
-        for _ in range(size // CHUNK):
-            out.write(bytes(CHUNK))
-        if size >= _SENDFILE_MIN:
-            out.write(bytes(size % CHUNK + (-size % _BLOCK)))
-        return
-    try:
-        if size < _SENDFILE_MIN:
-            data = os.read(fd, size) if size else b""
-            if len(data) == size:  # the usual case, in one write: header, data, padding
-                out.write(header + data + bytes(-size % _BLOCK))
-                return
-            out.write(header + data)
-            left = size - len(data)
-        else:
-            out.write(header)
-            left = size
-        if left and size >= _SENDFILE_MIN and out.sink is not None:
-            left -= out.sink.sendfile(fd, size)
-            out.length += size - left
-        while left:
-            data = os.read(fd, min(left, CHUNK))
-            if not data:
-                log.warning("%s: /%s shrank while it was read; padded with zeros", what, rel)
-                data = bytes(min(left, CHUNK))
-            out.write(data)
-            left -= len(data)
-    finally:
-        os.close(fd)
-    if size % _BLOCK:
-        out.write(bytes(_BLOCK - size % _BLOCK))
+    if left == size and size >= _SENDFILE_MIN and out.sink is not None:
+        left -= out.sendfile(fd, size)
+    while left:
+        data = os.read(fd, min(left, CHUNK))
+        if not data:
+            log.warning("%s: /%s shrank while it was read; padded with zeros", what, rel)
+            data = bytes(min(left, CHUNK))
+        out.write(data)
+        left -= len(data)
+    if size % BLOCK:
+        out.write(bytes(BLOCK - size % BLOCK))
 
 
 def export_diff(upperdir: str, fd: int, compression: str = "none", what: str = "export",
@@ -201,61 +328,17 @@ def export_diff(upperdir: str, fd: int, compression: str = "none", what: str = "
     zipped = Compressing(sink, compression)
     plain = compression == "none"
     out = _Counted(zipped, sink if plain and not digests else None, digests and not plain)
-    first_names: dict[tuple[int, int], str] = {}  # D7: (dev, ino) -> first name in the layer
-    entries = 0
-    for e in tree.walk_upper(upperdir) if upperdir else ():
-        st = e.st
-        head, _, base = e.rel.rpartition("/")
-        if base.startswith(WHITEOUT_PREFIX):
-            raise InvalidArgument(
-                f"the mount holds {'/' + e.rel!r}: a layer cannot carry a name starting with "
-                f"{WHITEOUT_PREFIX!r}, every reader would take it for a whiteout (E3); rename it"
-            )
-        if e.whiteout:
-            # E1: a deletion is an empty regular file named .wh.<name>.
-            name = f"{head}/{WHITEOUT_PREFIX}{base}" if head else WHITEOUT_PREFIX + base
-            out.write(_header(name, tarfile.REGTYPE, None))
-            entries += 1
-            continue
-        mode = st.st_mode
-        xattrs = tree.read_xattrs(e.path)
-        if stat.S_ISDIR(mode):
-            out.write(_header(e.rel, tarfile.DIRTYPE, st, xattrs))
-            entries += 1
-            if e.opaque:
-                # E1: the directory entry, without overlay xattrs, then its marker.
-                out.write(_header(f"{e.rel}/{OPAQUE_MARKER}", tarfile.REGTYPE, None))
-                entries += 1
-            continue
-        if st.st_nlink > 1:
-            key = (st.st_dev, st.st_ino)
-            first = first_names.get(key)
-            if first is not None:
-                out.write(_header(e.rel, tarfile.LNKTYPE, st, xattrs, linkname=first))
-                entries += 1
-                continue
-            first_names[key] = e.rel
-        if stat.S_ISREG(mode):
-            header = _header(e.rel, tarfile.REGTYPE, st, xattrs, size=st.st_size)
-            _copy_into(out, e.path, st.st_size, header, what, e.rel)
-        elif stat.S_ISLNK(mode):
-            out.write(_header(e.rel, tarfile.SYMTYPE, st, xattrs, linkname=os.readlink(e.path)))
-        elif stat.S_ISFIFO(mode):
-            out.write(_header(e.rel, tarfile.FIFOTYPE, st, xattrs))
-        elif stat.S_ISCHR(mode):
-            out.write(_header(e.rel, tarfile.CHRTYPE, st, xattrs))
-        elif stat.S_ISBLK(mode):
-            out.write(_header(e.rel, tarfile.BLKTYPE, st, xattrs))
-        else:
-            continue
-        entries += 1
+    export = _Export(out, what)
+    if upperdir:
+        export.run(upperdir)
     # The end: two zero blocks, padded to a whole record as tar(1) and tarfile write it.
-    trailer = 2 * _BLOCK
-    out.write(bytes(trailer + (-(out.length + trailer)) % _RECORD))
+    trailer = 2 * BLOCK
+    out.write(bytes(trailer + (-(out.length + trailer)) % RECORD))
+    out.flush()
     zipped.close()  # writes the compressor's trailer into the sink
     sink.flush()
     if not digests:
-        return ExportResult(sink.written, entries)
+        return ExportResult(sink.written, export.entries)
     digest = sink.digest
     diff_id = digest if out.hasher is None else sha256_digest(out.hasher)
-    return ExportResult(sink.written, entries, diff_id, digest, MEDIA_TYPES[compression])
+    return ExportResult(sink.written, export.entries, diff_id, digest, MEDIA_TYPES[compression])

@@ -37,17 +37,23 @@ def exported_xattr(name: str) -> bool:
     return name.startswith(EXPORTED_XATTR_PREFIXES) or name in EXPORTED_XATTRS
 
 
-def read_xattrs(path: str | int) -> tuple[tuple[str, bytes], ...]:
-    """The exported xattrs of ``path`` (not following a symlink) or of an open fd, sorted by name."""
-    follow = isinstance(path, int)  # an fd: follow_symlinks=False is not allowed with it
+def list_xattrs(target: str | int) -> list[str]:
+    """Every xattr name of ``target`` (a path, not following a symlink, or an open fd),
+    or none where the file system keeps none."""
     try:
-        names = os.listxattr(path, follow_symlinks=follow)
+        return os.listxattr(target, follow_symlinks=isinstance(target, int))
     except OSError as e:
         if e.errno in (errno.ENOTSUP, errno.EPERM):
-            return ()
+            return []
         raise
+
+
+def read_xattrs(path: str | int, names: list[str] | None = None) -> tuple[tuple[str, bytes], ...]:
+    """The exported xattrs of ``path`` (not following a symlink) or of an open fd, sorted
+    by name; ``names`` is its list_xattrs when the caller has it already."""
+    follow = isinstance(path, int)  # an fd: follow_symlinks=False is not allowed with it
     out = []
-    for name in sorted(names):
+    for name in sorted(list_xattrs(path) if names is None else names):
         if not exported_xattr(name):
             continue
         try:
