@@ -5,6 +5,7 @@ each object says of itself. Speed is measured by bench/scale.py, never here."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import subprocess
 import threading
@@ -15,6 +16,7 @@ from harness import CallError
 
 from uniond import constants
 from uniond.kernel import syscalls
+from uniond.layers import stream
 
 E = constants.ERROR_PREFIX
 
@@ -71,8 +73,11 @@ def test_diff_into_a_file_gives_every_change_with_its_bytes(client, layers, tmp_
 def test_diff_into_a_pipe_ends_when_the_call_returns(client, layers):
     """The daemon closes its copy of the fd before it replies: the reader sees the end."""
     t = layers
-    for i in range(5000):  # more than a pipe holds (64 KiB): the daemon must stream
-        (t / "upper" / f"file-{i:05d}").write_text("")
+    # More than the pipe holds, even widened to 1 MiB (about 1.1 MiB of records): the
+    # daemon must stream.
+    long = "x" * 200
+    for i in range(5000):
+        (t / "upper" / f"file-{i:05d}-{long}").write_text("")
     path = client.mount([t / "image1"], t / "upper", t / "merge")
     read_end, write_end = os.pipe()
     received = bytearray()
@@ -91,10 +96,11 @@ def test_diff_into_a_pipe_ends_when_the_call_returns(client, layers):
     reply = client.loop.run_until_complete(asyncio.wait_for(pending, 60))
     reader.join(30)
     assert not reader.is_alive(), "the pipe reached its end: nobody holds its write end any more"
+    assert fcntl.fcntl(read_end, fcntl.F_GETPIPE_SZ) == stream.PIPE_SIZE, "widened to stream faster"
     os.close(read_end)
     got = records(bytes(received))
     assert reply.body == [5000] and len(got) == 5000
-    assert {p for _, p in got} == {f"/file-{i:05d}".encode() for i in range(5000)}
+    assert {p for _, p in got} == {f"/file-{i:05d}-{long}".encode() for i in range(5000)}
     assert client.list() == [path], "the daemon is well"
 
 
@@ -294,3 +300,19 @@ def test_mountinfo_is_read_again_only_after_the_table_changed(tmp_path):
     finally:
         syscalls.umount(merge)
     assert f" {merge} " not in table.text()
+
+
+def test_a_pipe_handed_over_is_widened_and_a_file_left_alone(tmp_path):
+    """Its reader loses nothing: the pipe only holds more."""
+    r, w = os.pipe()
+    try:
+        assert fcntl.fcntl(r, fcntl.F_GETPIPE_SZ) < stream.PIPE_SIZE
+        stream.widen_pipe(w)
+        assert fcntl.fcntl(r, fcntl.F_GETPIPE_SZ) == stream.PIPE_SIZE
+    finally:
+        os.close(r)
+        os.close(w)
+    with open(tmp_path / "file", "wb") as f:
+        stream.widen_pipe(f.fileno())
+        f.write(b"x")
+    assert (tmp_path / "file").read_bytes() == b"x"

@@ -60,10 +60,27 @@ def check_fd(fd: int, writing: bool) -> None:
         raise InvalidArgument("fd: open for writing only; ImportLayer reads the layer from it")
 
 
+PIPE_SIZE = 1 << 20  # what any user may make a pipe hold (fs.pipe-max-size's default)
+
+
+def widen_pipe(fd: int) -> None:
+    """A pipe holds 64 KiB unless told otherwise: a layer of small files fills that every
+    64 files, and the writer then sleeps until the reader wakes and drains it. At 1 MiB
+    both run along (ExportDiff of 100,000 files of 1 KiB into a pipe to cat: 1.06 s ->
+    0.88 s). The reader loses nothing by it, its pipe only holds more; a pipe already
+    larger is left so, and a refusal (the kernel's limits) leaves it as it was."""
+    try:
+        if stat.S_ISFIFO(os.fstat(fd).st_mode) and fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) < PIPE_SIZE:
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass
+
+
 class Sink:
     """Writes to the caller's fd in large pieces and counts what it wrote."""
 
     def __init__(self, fd: int, hashing: bool = False) -> None:
+        widen_pipe(fd)
         self.fd = fd
         self.written = 0
         self._buf = bytearray()
