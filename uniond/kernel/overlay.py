@@ -20,9 +20,12 @@ _DIFFABLE_OPTIONS = (("redirect_dir", "off"), ("metacopy", "off"), ("index", "of
 _KERNEL_WORKDIR_ENTRIES = ("work", "index")  # what overlayfs creates in a workdir (M5)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MountSpec:
-    """Everything the kernel needs to make one overlay (or one-lower bind) mount."""
+    """Everything the kernel needs to make one overlay (or one-lower bind) mount.
+
+    Slotted, as MountRecord: a daemon holds one per live mount (10,000 and more).
+    """
 
     lowerdirs: tuple[str, ...]  # top-most first, as overlayfs' lowerdir=
     upperdir: str  # "" = read-only mount

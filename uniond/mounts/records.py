@@ -7,6 +7,7 @@ reboots.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -15,8 +16,12 @@ from uniond.kernel.overlay import MountSpec
 __all__ = ["MountListener", "MountRecord", "MountSpec"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MountRecord:
+    """One mount as the daemon knows it. Slotted (no __dict__ per record) and its
+    strings that many records share (the boot id, the lowers) held once, since a daemon
+    holds one record per live mount: 10,000 and more."""
+
     id: str
     spec: MountSpec
     owner: int
@@ -57,8 +62,8 @@ class MountRecord:
                 raise ValueError(f"spec.{name}: {spec[name]!r} is not an absolute path")
         if not spec["mountpoint"] or not data["id"] or "/" in data["id"]:
             raise ValueError("record without a mountpoint or a usable id")
-        spec["lowerdirs"] = tuple(spec["lowerdirs"])
-        return cls(**{**data, "spec": MountSpec(**spec)})
+        spec["lowerdirs"] = tuple(map(sys.intern, spec["lowerdirs"]))
+        return cls(**{**data, "boot_id": sys.intern(data["boot_id"]), "spec": MountSpec(**spec)})
 
 
 _RECORD_FIELDS: dict[str, type | tuple[type, ...]] = {
