@@ -227,14 +227,17 @@ def clear_workdir(workdir: str, remove_dir: bool, marker: str = "") -> None:
         return
     if not stat.S_ISDIR(top.st_mode):
         raise OSError(errno.ENOTDIR, f"workdir {workdir} is no longer a directory")
-    for name in _KERNEL_WORKDIR_ENTRIES:
-        path = os.path.join(workdir, name)
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            continue
-        if stat.S_ISDIR(st.st_mode):
-            _remove_tree(path, top.st_dev)
+    fd = os.open(workdir, _DIR_PATH)
+    try:
+        for name in _KERNEL_WORKDIR_ENTRIES:
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                _remove_tree_at(fd, name, top.st_dev, workdir)
+    finally:
+        os.close(fd)
     if remove_dir:
         if marker:
             with contextlib.suppress(FileNotFoundError):
@@ -242,18 +245,51 @@ def clear_workdir(workdir: str, remove_dir: bool, marker: str = "") -> None:
         os.rmdir(workdir)
 
 
-def _remove_tree(path: str, dev: int) -> None:
-    if is_mount_root(path):
-        raise OSError(errno.EBUSY, f"{path} is a mount point; not removing it")
-    os.chmod(path, 0o700)
-    with os.scandir(path) as entries:
-        children = list(entries)
-    for entry in children:
-        st = entry.stat(follow_symlinks=False)
-        if st.st_dev != dev:
-            raise OSError(errno.EXDEV, f"{entry.path} is on another filesystem; not removing it")
-        if stat.S_ISDIR(st.st_mode):
-            _remove_tree(entry.path, dev)
-        else:
-            os.unlink(entry.path)
-    os.rmdir(path)
+def empty_directory(root: str) -> None:
+    """Remove everything below ``root`` and keep ``root`` itself (a failed build undone,
+    a workdir's kernel entries), never across a mount (C4).
+
+    Everything goes through directory descriptors, never a path: whoever can write
+    below ``root`` may swap a directory for a symlink meanwhile, and a symlink is only
+    ever removed, never followed. An entry on another device, or a directory that is
+    the root of a mount (a bind mount of the same file system), stops the removal with
+    an error before anything of that mount is touched.
+    """
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)  # often /proc/self/fd/N/.
+    try:
+        _empty_at(fd, os.fstat(fd).st_dev, root)
+    finally:
+        os.close(fd)
+
+
+_DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _empty_at(fd: int, dev: int, where: str) -> None:
+    listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+    try:
+        names = os.listdir(listing)
+    finally:
+        os.close(listing)
+    for name in names:
+        _remove_tree_at(fd, name, dev, where)
+
+
+def _remove_tree_at(dir_fd: int, name: str, dev: int, where: str) -> None:
+    """Remove the entry ``name`` of the directory ``dir_fd`` and all below it."""
+    path = f"{where}/{name}"
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    if st.st_dev != dev:
+        raise OSError(errno.EXDEV, f"{path} is on another file system; not removing it")
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=dir_fd)
+        return
+    fd = os.open(name, _DIR_PATH, dir_fd=dir_fd)
+    try:
+        if syscalls.mount_identity("", fd)[1]:
+            raise OSError(errno.EBUSY, f"{path} is a mount point; not removing it")
+        os.chmod(f"/proc/self/fd/{fd}", 0o700)  # C5: work/ and index/ come with mode 000
+        _empty_at(fd, dev, path)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=dir_fd)

@@ -12,6 +12,7 @@ import os
 import stat
 from dataclasses import dataclass
 
+from uniond.kernel.overlay import empty_directory
 from uniond.layers import tree
 from uniond.layers.stream import CHUNK
 from uniond.layers.tree import Builder, Meta
@@ -86,7 +87,7 @@ def commit(upperdir: str, destdir: str) -> CommitResult:
         entries = builder.finish()
     except BaseException:
         builder.close()
-        tree.empty_directory(destdir)
+        empty_directory(destdir)
         raise
     builder.close()
     return CommitResult(entries, digest.digest())
