@@ -22,12 +22,6 @@ _OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
 _WHITEOUT_XATTRS = ("trusted.overlay.whiteout", "user.overlay.whiteout")
 _COMPARED_XATTR_PREFIXES = ("user.", "security.capability")
 _NAME = operator.attrgetter("name")
-
-
-def _TEXT_NAME(entry: os.DirEntry[bytes]) -> str:
-    return os.fsdecode(entry.name)
-
-
 _RANK = {DELETED: 0, CHANGED: 1, ADDED: 2}  # the order of kinds for one path
 
 
@@ -183,6 +177,10 @@ def _opaque_value(path: bytes | str) -> bytes | None:
     return None
 
 
+def _text_name(entry: os.DirEntry[bytes]) -> str:
+    return os.fsdecode(entry.name)
+
+
 def _by_name(entries: list[os.DirEntry[bytes]]) -> list[bytes]:
     """Sorts ``entries`` as their names sort as text (Diff's order), and returns the names.
 
@@ -192,7 +190,7 @@ def _by_name(entries: list[os.DirEntry[bytes]]) -> list[bytes]:
     entries.sort(key=_NAME)
     names = [e.name for e in entries]
     if not b"".join(names).isascii():
-        entries.sort(key=_TEXT_NAME)
+        entries.sort(key=_text_name)
         names = [e.name for e in entries]
     return names
 
@@ -217,8 +215,8 @@ def _walk(upper_dir: bytes, merged_dir: bytes, lower_dirs: list[bytes], out: lis
     # When every lower directory was listed, a name in none of the listings is in no
     # lower: the common case of an added entry needs no lookup at all.
     listed: frozenset[bytes] | None = None
-    if all(names is not None for _, names in live):
-        listed = frozenset().union(*(names for _, names in live if names is not None))
+    if all(listing is not None for _, listing in live):
+        listed = frozenset().union(*(listing for _, listing in live if listing is not None))
     added = b"A " + merged_dir
     plain: list[bool] = []  # per entry: a regular file no lower shows, Added without a look
     if listed is not None and not xwhiteouts:
