@@ -22,7 +22,7 @@ _OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
 _WHITEOUT_XATTRS = ("trusted.overlay.whiteout", "user.overlay.whiteout")
 _COMPARED_XATTR_PREFIXES = ("user.", "security.capability")
 _NAME = operator.attrgetter("name")
-_RANK = {DELETED: 0, CHANGED: 1, ADDED: 2}  # the order of kinds for one path
+_PATH = operator.itemgetter(1)
 
 
 Change = tuple[str, str]  # (kind: A, C or D as `docker diff` prints them, path absolute in the merged view)
@@ -298,9 +298,11 @@ def changes(upperdir: str, lowerdirs: list[str] | tuple[str, ...]) -> list[Chang
     _start(upperdir, lowerdirs, out)
     records = os.fsdecode(b"".join(out)).split("\0")  # one decode for all: a name's bytes as scandir would
     records.pop()  # after the last NUL
-    keyed = [(r[2:], _RANK[r[0]], r[0]) for r in records]
-    keyed.sort()  # by path, then D before C before A: tuples compare in C, no key function
-    return [(kind, path) for path, _, kind in keyed]
+    result = [(r[0], r[2:]) for r in records]
+    # By path alone: the sort is stable, and the one path with two records (an opaque
+    # directory that replaced one of a lower, D4) has them from the walk as D, then A.
+    result.sort(key=_PATH)
+    return result
 
 
 def write_into(upperdir: str, lowerdirs: list[str] | tuple[str, ...], sink: Sink) -> int:
