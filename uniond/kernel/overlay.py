@@ -18,6 +18,7 @@ from uniond.kernel import mountinfo, syscalls
 # M8: with these, the upper refers to nothing outside itself, so Diff can read it alone.
 _DIFFABLE_OPTIONS = (("redirect_dir", "off"), ("metacopy", "off"), ("index", "off"))
 _KERNEL_WORKDIR_ENTRIES = ("work", "index")  # what overlayfs creates in a workdir (M5)
+_DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC  # a directory, never through a symlink
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,8 +247,8 @@ def clear_workdir(workdir: str, remove_dir: bool, marker: str = "") -> None:
 
 
 def empty_directory(root: str) -> None:
-    """Remove everything below ``root`` and keep ``root`` itself (a failed build undone,
-    a workdir's kernel entries), never across a mount (C4).
+    """Remove everything below ``root`` and keep ``root`` itself (a failed ImportLayer or
+    Commit undone), never across a mount (C4); a workdir's kernel entries go the same way.
 
     Everything goes through directory descriptors, never a path: whoever can write
     below ``root`` may swap a directory for a symlink meanwhile, and a symlink is only
@@ -260,9 +261,6 @@ def empty_directory(root: str) -> None:
         _empty_at(fd, os.fstat(fd).st_dev, root)
     finally:
         os.close(fd)
-
-
-_DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _empty_at(fd: int, dev: int, where: str) -> None:

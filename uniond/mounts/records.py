@@ -18,9 +18,9 @@ __all__ = ["MountListener", "MountRecord", "MountSpec"]
 
 @dataclass(frozen=True, slots=True)
 class MountRecord:
-    """One mount as the daemon knows it. Slotted (no __dict__ per record) and its
-    strings that many records share (the boot id, the lowers) held once, since a daemon
-    holds one record per live mount: 10,000 and more."""
+    """One mount as the daemon knows it: one per live mount, 10,000 and more, so slotted
+    (no __dict__ per record), and records read back from the journal hold the strings
+    many of them have alike (the boot id, the lowers) once."""
 
     id: str
     spec: MountSpec
