@@ -181,18 +181,20 @@ def _text_name(entry: os.DirEntry[bytes]) -> str:
     return os.fsdecode(entry.name)
 
 
-def _by_name(entries: list[os.DirEntry[bytes]]) -> list[bytes]:
-    """Sorts ``entries`` as their names sort as text (Diff's order), and returns the names.
+def _as_text(names: list[bytes]) -> bool:
+    """Whether ``names`` must be decoded to sort as text does (Diff's order, by name).
 
     Bytes sort as text does while they are ASCII (UTF-8 keeps the order of code points
     too, but a byte that is not UTF-8 decodes to a surrogate, which sorts elsewhere).
     """
-    entries.sort(key=_NAME)
-    names = [e.name for e in entries]
-    if not b"".join(names).isascii():
-        entries.sort(key=_text_name)
-        names = [e.name for e in entries]
-    return names
+    return not b"".join(names).isascii()
+
+
+def _plain(entries: list[os.DirEntry[bytes]], listed: frozenset[bytes]) -> list[bool]:
+    """Per entry: a regular file that no lower shows, so Added without a look."""
+    if listed:
+        return [e.is_file(follow_symlinks=False) and e.name not in listed for e in entries]
+    return [e.is_file(follow_symlinks=False) for e in entries]
 
 
 def _walk(upper_dir: bytes, merged_dir: bytes, lower_dirs: list[bytes], out: list[bytes],
@@ -210,7 +212,8 @@ def _walk(upper_dir: bytes, merged_dir: bytes, lower_dirs: list[bytes], out: lis
     """
     with os.scandir(upper_dir) as it:
         entries = list(it)
-    names = _by_name(entries)
+    names = [e.name for e in entries]
+    as_text = _as_text(names)
     live = [(d, _names_if_cheap(d, len(entries))) for d in lower_dirs]
     # When every lower directory was listed, a name in none of the listings is in no
     # lower: the common case of an added entry needs no lookup at all.
@@ -218,18 +221,19 @@ def _walk(upper_dir: bytes, merged_dir: bytes, lower_dirs: list[bytes], out: lis
     if all(listing is not None for _, listing in live):
         listed = frozenset().union(*(listing for _, listing in live if listing is not None))
     added = b"A " + merged_dir
-    plain: list[bool] = []  # per entry: a regular file no lower shows, Added without a look
-    if listed is not None and not xwhiteouts:
-        plain = [e.is_file(follow_symlinks=False) for e in entries]
-        if listed:
-            plain = [p and n not in listed for p, n in zip(plain, names, strict=True)]
-        if all(plain):
-            # The common directory of new files: its records joined in one piece.
-            if names:
-                out.append(added + (b"\0" + added).join(names) + b"\0")
-            if flush is not None:
-                flush()
-            return bool(names)
+    fast = listed is not None and not xwhiteouts
+    if fast and all(_plain(entries, listed)):
+        # The common directory of new files: only its names are sorted, and its records
+        # are joined in one piece.
+        names.sort(key=os.fsdecode if as_text else None)
+        if names:
+            out.append(added + (b"\0" + added).join(names) + b"\0")
+        if flush is not None:
+            flush()
+        return bool(names)
+    entries.sort(key=_text_name if as_text else _NAME)
+    names = [e.name for e in entries]
+    plain = _plain(entries, listed) if fast else []
     touched = False
     append = out.append
     for i, entry in enumerate(entries):
