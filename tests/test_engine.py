@@ -117,6 +117,29 @@ def test_clear_workdir_never_crosses_a_mount(tmp_path):
     assert (tmp_path / "precious/file").read_text() == "keep"
 
 
+def test_empty_directory_keeps_the_root_follows_no_symlink_and_crosses_no_mount(tmp_path):
+    """A failed ImportLayer or Commit is undone by it (C4): what the caller may have
+    put below its destdir is removed as it is, never followed or crossed."""
+    root, outside = tmp_path / "dest", tmp_path / "outside"
+    (root / "a/b").mkdir(parents=True)
+    (root / "a/b/f").write_text("x")
+    os.chmod(root / "a", 0)  # as a tar may leave it
+    outside.mkdir()
+    (outside / "keep").write_text("keep")
+    (root / "link").symlink_to(outside)
+    engine.empty_directory(str(root))
+    assert root.is_dir() and not list(root.iterdir())
+    assert (outside / "keep").read_text() == "keep"
+    (root / "inner").mkdir()
+    subprocess.run(["mount", "--bind", str(outside), str(root / "inner")], check=True)
+    try:
+        with pytest.raises(OSError):
+            engine.empty_directory(str(root))
+    finally:
+        subprocess.run(["umount", str(root / "inner")], check=True)
+    assert (outside / "keep").read_text() == "keep"
+
+
 def _record(mount_id: str) -> MountRecord:
     return MountRecord(id=mount_id, spec=MountSpec(("/l",), "/u", "/w", "/m", readonly=False),
                        owner=0, created_us=1, boot_id="b")

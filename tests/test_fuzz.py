@@ -42,7 +42,7 @@ from uniond import constants
 from uniond.access.paths import canonical
 from uniond.config import DEFAULT_ALLOWED_ROOTS
 from uniond.kernel import mountinfo
-from uniond.layers import tree as layerfs
+from uniond.kernel import overlay as engine
 
 # Hypothesis warns that a megabyte argument makes a long repr; that is the point here.
 pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")
@@ -641,7 +641,7 @@ def _check_layer_written(a, dest: Path, entries: int, devices: bool) -> None:
         st = os.lstat(p)
         if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
             assert devices or (stat.S_ISCHR(st.st_mode) and st.st_rdev == 0), f"a device without devices=true: {p}"
-    layerfs.empty_directory(str(dest))
+    engine.empty_directory(str(dest))
 
 
 def test_fuzz_layer_methods(daemon, client, layer_arena, tmp_path):
@@ -970,7 +970,7 @@ def test_fuzz_layer_methods_as_an_unprivileged_caller(daemon, bus, client, layer
                 dest = Path(body[1])
                 assert dest.parent == u / "dests", (member, body, result)
                 assert len(_entries_below(dest)) == result[1]
-                layerfs.empty_directory(str(dest))
+                engine.empty_directory(str(dest))
         for i, name in expect.items():
             wanted = "ok" if phase == "allowed" and name == "valid" else (
                 constants.ERROR_NOT_AUTHORIZED if phase == "denied" else constants.ERROR_INVALID_ARGUMENT)

@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from views import view, walk
 
 from uniond.kernel import overlay as engine
-from uniond.layers import diff, snapshot
+from uniond.layers import diff, snapshot, stream
 from uniond.layers import tar as layertar
 from uniond.mounts.records import MountSpec
 
@@ -277,6 +277,13 @@ def test_diff_export_import_and_commit_are_exact(lower_trees, ops):
         got = diff.changes(d["upper"], lowers)
         replaced = {p for k, p in got if k == "D" and ("A", p) in got}
         assert got == oracle(d["merged"], d["lowers-only"], replaced)
+        # DiffInto's records (diff.write_into): the same changes, in the walk's order.
+        with open(os.path.join(base, "records"), "wb+") as f:
+            count = diff.write_into(d["upper"], lowers, stream.Sink(f.fileno()))
+            f.seek(0)
+            records = f.read().split(b"\0")
+        assert records.pop() == b"" and count == len(records)
+        assert sorted((r[:1].decode(), os.fsdecode(r[2:])) for r in records) == sorted(got)
 
         # (2) ImportLayer(ExportDiff), stacked on the same lowers.
         tar = os.path.join(base, "layer.tar")

@@ -18,11 +18,15 @@ from uniond.kernel import mountinfo, syscalls
 # M8: with these, the upper refers to nothing outside itself, so Diff can read it alone.
 _DIFFABLE_OPTIONS = (("redirect_dir", "off"), ("metacopy", "off"), ("index", "off"))
 _KERNEL_WORKDIR_ENTRIES = ("work", "index")  # what overlayfs creates in a workdir (M5)
+_DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC  # a directory, never through a symlink
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MountSpec:
-    """Everything the kernel needs to make one overlay (or one-lower bind) mount."""
+    """Everything the kernel needs to make one overlay (or one-lower bind) mount.
+
+    Slotted, as MountRecord: a daemon holds one per live mount (10,000 and more).
+    """
 
     lowerdirs: tuple[str, ...]  # top-most first, as overlayfs' lowerdir=
     upperdir: str  # "" = read-only mount
@@ -235,7 +239,7 @@ def clear_workdir(workdir: str, remove_dir: bool, marker: str = "") -> None:
             except OSError as e:
                 if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                     raise
-                _remove_tree(os.path.join(workdir, name), os.fstat(fd).st_dev)
+                _remove_tree_at(fd, name, os.fstat(fd).st_dev, workdir)
         if remove_dir and marker:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(marker, dir_fd=fd)
@@ -245,18 +249,48 @@ def clear_workdir(workdir: str, remove_dir: bool, marker: str = "") -> None:
         os.rmdir(workdir)
 
 
-def _remove_tree(path: str, dev: int) -> None:
-    if is_mount_root(path):
-        raise OSError(errno.EBUSY, f"{path} is a mount point; not removing it")
-    os.chmod(path, 0o700)
-    with os.scandir(path) as entries:
-        children = list(entries)
-    for entry in children:
-        st = entry.stat(follow_symlinks=False)
-        if st.st_dev != dev:
-            raise OSError(errno.EXDEV, f"{entry.path} is on another filesystem; not removing it")
-        if stat.S_ISDIR(st.st_mode):
-            _remove_tree(entry.path, dev)
-        else:
-            os.unlink(entry.path)
-    os.rmdir(path)
+def empty_directory(root: str) -> None:
+    """Remove everything below ``root`` and keep ``root`` itself (a failed ImportLayer or
+    Commit undone), never across a mount (C4); a workdir's kernel entries go the same way.
+
+    Everything goes through directory descriptors, never a path: whoever can write
+    below ``root`` may swap a directory for a symlink meanwhile, and a symlink is only
+    ever removed, never followed. An entry on another device, or a directory that is
+    the root of a mount (a bind mount of the same file system), stops the removal with
+    an error before anything of that mount is touched.
+    """
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)  # often /proc/self/fd/N/.
+    try:
+        _empty_at(fd, os.fstat(fd).st_dev, root)
+    finally:
+        os.close(fd)
+
+
+def _empty_at(fd: int, dev: int, where: str) -> None:
+    listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+    try:
+        names = os.listdir(listing)
+    finally:
+        os.close(listing)
+    for name in names:
+        _remove_tree_at(fd, name, dev, where)
+
+
+def _remove_tree_at(dir_fd: int, name: str, dev: int, where: str) -> None:
+    """Remove the entry ``name`` of the directory ``dir_fd`` and all below it."""
+    path = f"{where}/{name}"
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    if st.st_dev != dev:
+        raise OSError(errno.EXDEV, f"{path} is on another file system; not removing it")
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=dir_fd)
+        return
+    fd = os.open(name, _DIR_PATH, dir_fd=dir_fd)
+    try:
+        if syscalls.mount_identity("", fd)[1]:
+            raise OSError(errno.EBUSY, f"{path} is a mount point; not removing it")
+        os.chmod(f"/proc/self/fd/{fd}", 0o700)  # C5: work/ and index/ come with mode 000
+        _empty_at(fd, dev, path)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=dir_fd)

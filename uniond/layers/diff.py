@@ -22,8 +22,7 @@ _OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
 _WHITEOUT_XATTRS = ("trusted.overlay.whiteout", "user.overlay.whiteout")
 _COMPARED_XATTR_PREFIXES = ("user.", "security.capability")
 _NAME = operator.attrgetter("name")
-_DELETED_RANK, _CHANGED_RANK, _ADDED_RANK = 0, 1, 2  # the order of kinds for one path
-_KIND_PREFIX = {kind: f"{kind} ".encode() for kind in (ADDED, CHANGED, DELETED)}
+_PATH = operator.itemgetter(1)
 
 
 Change = tuple[str, str]  # (kind: A, C or D as `docker diff` prints them, path absolute in the merged view)
@@ -101,7 +100,7 @@ _LIST_FACTOR = 2
 _DIRENT_BYTES = 24  # a lower bound of the bytes a name takes in a directory (ext4, xfs, tmpfs)
 
 
-def _names_if_cheap(directory: str, upper_entries: int) -> frozenset[str] | None:
+def _names_if_cheap(directory: bytes, upper_entries: int) -> frozenset[bytes] | None:
     """The names in a lower directory, if listing it costs no more than probing it would.
 
     Probing costs one failed lstat per upper entry and lower; a listing answers all of
@@ -122,20 +121,20 @@ def _names_if_cheap(directory: str, upper_entries: int) -> frozenset[str] | None
 
 
 def _lookup(
-    live: list[tuple[str, frozenset[str] | None]], name: str, want_dirs: bool
-) -> tuple[str | None, os.stat_result | None, list[str]]:
+    live: list[tuple[bytes, frozenset[bytes] | None]], name: bytes, want_dirs: bool
+) -> tuple[bytes | None, os.stat_result | None, list[bytes]]:
     """Find ``name`` in the visible lower directories, top-most first (D4).
 
     Returns the top-most lower path and stat (None if no lower shows it) and, when the
     top-most is a directory, the lower directories that still show through below it.
     """
-    found_path: str | None = None
+    found_path: bytes | None = None
     found: os.stat_result | None = None
-    below: list[str] = []
+    below: list[bytes] = []
     for directory, names in live:
         if names is not None and name not in names:
             continue
-        path = f"{directory}/{name}"
+        path = directory + b"/" + name
         # Most probes miss: access() answers with a bool, where a failed lstat would
         # cost a Python exception.
         if names is None and not os.access(path, os.F_OK, follow_symlinks=False):
@@ -158,51 +157,100 @@ def _lookup(
     return found_path, found, below
 
 
-def _opaque_value(path: str) -> bytes | None:
-    """The directory's overlay.opaque xattr: b"y" (opaque, D3), b"x" (holds xattr whiteouts, D2) or None."""
+def _opaque_value(path: bytes | str) -> bytes | None:
+    """The directory's overlay.opaque xattr: b"y" (opaque, D3), b"x" (holds xattr whiteouts, D2) or None.
+
+    One listxattr answers for the usual directory that has neither, where asking for each
+    name would fail twice, each failure a Python exception.
+    """
+    try:
+        present = os.listxattr(path, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EPERM):
+            return None
+        raise
     for name in _OPAQUE_XATTRS:
-        value = _getxattr(path, name)
-        if value is not None:
-            return value
+        if name in present:
+            value = _getxattr(path, name)
+            if value is not None:
+                return value
     return None
 
 
-def _walk(upper_dir: str, merged_dir: str, lower_dirs: list[str], out: list[tuple[str, int, str]],
+def _text_name(entry: os.DirEntry[bytes]) -> str:
+    return os.fsdecode(entry.name)
+
+
+def _as_text(names: list[bytes]) -> bool:
+    """Whether ``names`` must be decoded to sort as text does (Diff's order, by name).
+
+    Bytes sort as text does while they are ASCII (UTF-8 keeps the order of code points
+    too, but a byte that is not UTF-8 decodes to a surrogate, which sorts elsewhere).
+    """
+    return not b"".join(names).isascii()
+
+
+def _plain(entries: list[os.DirEntry[bytes]], listed: frozenset[bytes]) -> list[bool]:
+    """Per entry: a regular file that no lower shows, so Added without a look."""
+    if listed:
+        return [e.is_file(follow_symlinks=False) and e.name not in listed for e in entries]
+    return [e.is_file(follow_symlinks=False) for e in entries]
+
+
+def _walk(upper_dir: bytes, merged_dir: bytes, lower_dirs: list[bytes], out: list[bytes],
           xwhiteouts: bool, flush: Callable[[], None] | None = None) -> bool:
-    """Report changes below ``upper_dir``; True if an entry was added or deleted directly in it.
+    """Report changes below ``upper_dir`` as records into ``out``; True if an entry was
+    added or deleted directly in it.
 
     The walk stats only what it must, since an lstat costs several times the listing
     itself: an entry no lower shows is Added whatever its metadata, and scandir's d_type
     tells directories, files and symlinks apart. What is stat()ed: character devices
     (0/0 whiteouts), empty-file candidates for xattr whiteouts in a directory marked
     ``x`` (``xwhiteouts``), entries a lower also shows (D5 compares both), and the rare
-    types d_type does not name (FIFOs, devices, sockets).
+    types d_type does not name (FIFOs, devices, sockets). Names stay bytes from the
+    listing to the record: nothing is decoded or encoded on the way.
     """
-    touched = False
     with os.scandir(upper_dir) as it:
-        entries = sorted(it, key=_NAME)  # so that the final sort finds runs already in order
+        entries = list(it)
+    names = [e.name for e in entries]
+    as_text = _as_text(names)
     live = [(d, _names_if_cheap(d, len(entries))) for d in lower_dirs]
     # When every lower directory was listed, a name in none of the listings is in no
     # lower: the common case of an added entry needs no lookup at all.
-    listed: frozenset[str] | None = None
-    if all(names is not None for _, names in live):
-        listed = frozenset().union(*(names for _, names in live if names is not None))
+    listed: frozenset[bytes] | None = None
+    if all(listing is not None for _, listing in live):
+        listed = frozenset().union(*(listing for _, listing in live if listing is not None))
+    added = b"A " + merged_dir
+    fast = listed is not None and not xwhiteouts
+    if fast and all(_plain(entries, listed)):
+        # The common directory of new files: only its names are sorted, and its records
+        # are joined in one piece.
+        names.sort(key=os.fsdecode if as_text else None)
+        if names:
+            out.append(added + (b"\0" + added).join(names) + b"\0")
+        if flush is not None:
+            flush()
+        return bool(names)
+    entries.sort(key=_text_name if as_text else _NAME)
+    names = [e.name for e in entries]
+    plain = _plain(entries, listed) if fast else []
+    touched = False
     append = out.append
-    for entry in entries:
-        name = entry.name
-        merged = merged_dir + name
-        is_file = entry.is_file(follow_symlinks=False)
-        if is_file and not xwhiteouts and listed is not None and name not in listed:
-            append((merged, _ADDED_RANK, ADDED))  # the fast path: a new regular file
+    for i, entry in enumerate(entries):
+        name = names[i]
+        if plain and plain[i]:
+            append(added + name + b"\0")
             touched = True
             continue
+        merged = merged_dir + name
+        is_file = entry.is_file(follow_symlinks=False)
         is_dir = not is_file and entry.is_dir(follow_symlinks=False)
         st = None
         if (is_file and xwhiteouts) or not (is_file or is_dir or entry.is_symlink()):
             st = entry.stat(follow_symlinks=False)
             mode = st.st_mode
             if (S_ISCHR(mode) or (S_ISREG(mode) and not st.st_size)) and is_whiteout(entry.path, st):
-                append((merged, _DELETED_RANK, DELETED))
+                append(b"D " + merged + b"\0")
                 touched = True
                 continue
             if S_ISSOCK(mode):
@@ -215,26 +263,32 @@ def _walk(upper_dir: str, merged_dir: str, lower_dirs: list[str], out: list[tupl
         reported = False
         if opaque == b"y":
             if lower_st is not None:
-                append((merged, _DELETED_RANK, DELETED))
-            append((merged, _ADDED_RANK, ADDED))
+                append(b"D " + merged + b"\0")
+            append(b"A " + merged + b"\0")
             touched = reported = True
             below = []
         elif lower_st is None:
-            append((merged, _ADDED_RANK, ADDED))
+            append(b"A " + merged + b"\0")
             touched = reported = True
         else:
             assert lower_path is not None
             if st is None:
                 st = entry.stat(follow_symlinks=False)
             if not _unchanged(entry.path, st, lower_path, lower_st):
-                append((merged, _CHANGED_RANK, CHANGED))
+                append(b"C " + merged + b"\0")
                 reported = True
         if is_dir:
-            if _walk(entry.path, merged + "/", below, out, opaque == b"x", flush) and not reported:
-                append((merged, _CHANGED_RANK, CHANGED))  # D4: parent of an A/D is Changed
+            if _walk(entry.path, merged + b"/", below, out, opaque == b"x", flush) and not reported:
+                append(b"C " + merged + b"\0")  # D4: parent of an A/D is Changed
     if flush is not None:
         flush()
     return touched
+
+
+def _start(upperdir: str, lowerdirs: list[str] | tuple[str, ...], out: list[bytes],
+           flush: Callable[[], None] | None = None) -> None:
+    upper = os.fsencode(upperdir)
+    _walk(upper, b"/", [os.fsencode(d) for d in lowerdirs], out, _opaque_value(upper) == b"x", flush)
 
 
 def changes(upperdir: str, lowerdirs: list[str] | tuple[str, ...]) -> list[Change]:
@@ -244,10 +298,15 @@ def changes(upperdir: str, lowerdirs: list[str] | tuple[str, ...]) -> list[Chang
     """
     if not upperdir:
         return []
-    out: list[tuple[str, int, str]] = []
-    _walk(upperdir, "/", list(lowerdirs), out, _opaque_value(upperdir) == b"x")
-    out.sort()  # by path, then D before C before A: tuples compare in C, no key function
-    return [(kind, path) for path, _, kind in out]
+    out: list[bytes] = []
+    _start(upperdir, lowerdirs, out)
+    records = os.fsdecode(b"".join(out)).split("\0")  # one decode for all: a name's bytes as scandir would
+    records.pop()  # after the last NUL
+    result = [(r[0], r[2:]) for r in records]
+    # By path alone: the sort is stable, and the one path with two records (an opaque
+    # directory that replaced one of a lower, D4) has them from the walk as D, then A.
+    result.sort(key=_PATH)
+    return result
 
 
 def write_into(upperdir: str, lowerdirs: list[str] | tuple[str, ...], sink: Sink) -> int:
@@ -263,16 +322,16 @@ def write_into(upperdir: str, lowerdirs: list[str] | tuple[str, ...], sink: Sink
     """
     if not upperdir:
         return 0
-    out: list[tuple[str, int, str]] = []  # one directory's worth at most: flushed after each
+    out: list[bytes] = []  # one directory's worth at most: flushed after each
     count = 0
 
     def flush() -> None:
         nonlocal count
-        sink.write(b"".join([_KIND_PREFIX[kind] + path.encode("utf-8", "surrogateescape") + b"\0"
-                             for path, _, kind in out]))
-        count += len(out)
+        data = b"".join(out)
         out.clear()
+        count += data.count(b"\0")
+        sink.write(data)
 
-    _walk(upperdir, "/", list(lowerdirs), out, _opaque_value(upperdir) == b"x", flush)
+    _start(upperdir, lowerdirs, out, flush)
     sink.flush()
     return count

@@ -12,6 +12,7 @@ import os
 import stat
 from dataclasses import dataclass
 
+from uniond.kernel.overlay import empty_directory
 from uniond.layers import tree
 from uniond.layers.builder import Builder
 from uniond.layers.stream import CHUNK
@@ -87,7 +88,7 @@ def commit(upperdir: str, destdir: str) -> CommitResult:
         entries = builder.finish()
     except BaseException:
         builder.close()
-        tree.empty_directory(destdir)
+        empty_directory(destdir)
         raise
     builder.close()
     return CommitResult(entries, digest.digest())

@@ -18,6 +18,7 @@ import tarfile
 from dataclasses import dataclass
 
 from uniond.errors import InvalidArgument
+from uniond.kernel.overlay import empty_directory
 from uniond.layers import tree
 from uniond.layers.builder import Builder
 from uniond.layers.compress import MEDIA_TYPES, Hashing, Reader, decompressing
@@ -271,7 +272,7 @@ def unpack(source: Reader, destdir: str, devices: bool = False, parents: tuple[s
         entries = importer.builder.finish()
     except BaseException:
         importer.builder.close()
-        tree.empty_directory(destdir)
+        empty_directory(destdir)
         raise
     importer.builder.close()
     implicit = tuple(sorted(importer.implicit)) if defer_parents else ()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -162,23 +161,3 @@ def check_destdir_empty(destdir: str) -> None:
     with os.scandir(destdir) as it:
         if next(it, None) is not None:
             raise InvalidArgument(f"destdir {destdir!r} is not empty; give an empty directory")
-
-
-def empty_directory(root: str) -> None:
-    """Undo a failed build: remove everything below ``root`` and keep ``root`` itself.
-
-    shutil.rmtree works through directory fds and never follows a symlink, so nothing
-    outside ``root`` can be reached; it refuses to cross into another file system's
-    mount below only by failing, which is what C4 asks.
-    """
-    dev = os.lstat(root).st_dev
-    with os.scandir(root) as it:
-        entries = list(it)
-    for entry in entries:
-        st = entry.stat(follow_symlinks=False)
-        if st.st_dev != dev:
-            raise OSError(errno.EXDEV, f"{entry.path} is on another file system; not removing it")
-        if stat.S_ISDIR(st.st_mode):
-            shutil.rmtree(entry.path)
-        else:
-            os.unlink(entry.path)

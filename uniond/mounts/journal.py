@@ -126,7 +126,7 @@ class StateStore:
         try:
             with open(tmp, "wb") as f:
                 for record in records.values():
-                    _write_all(f.fileno(), put_line(record))
+                    _write_all(f.fileno(), put_line(record, keep=False))
                 os.fsync(f.fileno())
             crash.point("reconcile.compacting")
             os.replace(tmp, self.path)
@@ -224,10 +224,10 @@ def _line(entry: dict) -> bytes:
     return (json.dumps(entry) + "\n").encode()
 
 
-def put_line(record: MountRecord) -> bytes:
+def put_line(record: MountRecord, keep: bool = True) -> bytes:
     """The journal line that records ``record``: its JSON form (as its marks hold it,
-    encoded once per record) inside {"put": ...}."""
-    return b'{"put": ' + record.encoded + b"}\n"
+    encoded once per record, unless not to be ``keep``t) inside {"put": ...}."""
+    return b'{"put": ' + (record.encoded if keep else record.encode()) + b"}\n"
 
 
 def _write_all(fd: int, data: bytes) -> int:

@@ -24,7 +24,7 @@ from uniond.constants import ACTION_COMMIT, ACTION_EXPORT, ACTION_IMPORT
 from uniond.errors import Busy, Failed, InvalidArgument, NotPermitted
 from uniond.kernel import holders
 from uniond.kernel import overlay as engine
-from uniond.layers import diff, snapshot, stream, tree
+from uniond.layers import diff, snapshot, stream
 from uniond.layers import tar as layertar
 from uniond.layers.compress import check_compression
 from uniond.layers.tar_import import check_digest
@@ -264,7 +264,7 @@ def _commit_and_verify(record: MountRecord, upper: str, dest: str) -> snapshot.C
         if snapshot.fingerprint(upper) == result.fingerprint:
             return result
         log.info("mount %s: upper changed during Commit (attempt %d); copying again", record.id, attempt)
-        tree.empty_directory(dest)
+        engine.empty_directory(dest)
     users = ", ".join(str(h) for h in holders.find(record.spec.mountpoint)) or "no process found"
     raise Busy(
         f"mount {record.id} kept changing during {COMMIT_ATTEMPTS} copies, so no consistent layer "

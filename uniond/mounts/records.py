@@ -8,8 +8,8 @@ reboots.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any, Protocol
 
 from uniond.kernel.overlay import MountSpec
@@ -17,8 +17,12 @@ from uniond.kernel.overlay import MountSpec
 __all__ = ["MountListener", "MountRecord", "MountSpec"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MountRecord:
+    """One mount as the daemon knows it: one per live mount, 10,000 and more, so slotted
+    (no __dict__ per record), and records read back from the journal hold the strings
+    many of them have alike (the boot id, the lowers) once."""
+
     id: str
     spec: MountSpec
     owner: int
@@ -45,10 +49,19 @@ class MountRecord:
         data["options"] = dict(self.options)
         return data
 
-    @cached_property
+    # encoded's bytes once made (a slot: a slotted class has no room for cached_property).
+    _encoded: bytes = field(default=b"", init=False, repr=False, compare=False)
+
+    @property
     def encoded(self) -> bytes:
-        """to_json as JSON bytes, made once per record: a Mount writes the same record to
-        its journal line, its workdir's marker and its mark (C1, C4)."""
+        """to_json as JSON bytes, kept once made: a Mount writes the same record to its
+        journal line, its workdir's marker and its mark (C1, C4)."""
+        if not self._encoded:
+            object.__setattr__(self, "_encoded", self.encode())
+        return self._encoded
+
+    def encode(self) -> bytes:
+        """to_json as JSON bytes, not kept (a start compacts 10,000 records at once)."""
         return json.dumps(self.to_json()).encode()
 
     @classmethod
@@ -65,8 +78,8 @@ class MountRecord:
                 raise ValueError(f"spec.{name}: {spec[name]!r} is not an absolute path")
         if not spec["mountpoint"] or not data["id"] or "/" in data["id"]:
             raise ValueError("record without a mountpoint or a usable id")
-        spec["lowerdirs"] = tuple(spec["lowerdirs"])
-        return cls(**{**data, "spec": MountSpec(**spec)})
+        spec["lowerdirs"] = tuple(map(sys.intern, spec["lowerdirs"]))
+        return cls(**{**data, "boot_id": sys.intern(data["boot_id"]), "spec": MountSpec(**spec)})
 
 
 _RECORD_FIELDS: dict[str, type | tuple[type, ...]] = {

@@ -129,7 +129,7 @@ class UniondBus(MessageBus):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._writer = _Writer(self)
-        self._where: dict[int, str] = {}  # id(interface) -> its one path
+        self._where: dict[ServiceInterface, str] = {}  # interface -> its one path (by identity)
         self.announcing = False  # set once the bus name is owned
         self.in_flight: set[asyncio.Future] = set()
 
@@ -162,19 +162,19 @@ class UniondBus(MessageBus):
 
     def export(self, path: str, interface: ServiceInterface) -> None:
         super().export(path, interface)
-        self._where[id(interface)] = path
+        self._where[interface] = path
 
     def unexport(self, path: str, interface: Any = None) -> None:
         assert interface is None, "uniond unexports whole paths"
         for iface in self._path_exports.get(path, ()):
-            self._where.pop(id(iface), None)
+            self._where.pop(iface, None)
         super().unexport(path)
 
     def _has_interface(self, interface: ServiceInterface) -> bool:
-        return id(interface) in self._where
+        return interface in self._where
 
     def _interface_signal_notify(self, interface, interface_name, member, signature, body, unix_fds=()):
-        path = self._where.get(id(interface))
+        path = self._where.get(interface)
         if path is None:
             raise RuntimeError(f"signal {member} from an interface that is not exported")
         self.send(

@@ -13,6 +13,14 @@ from uniond.service import wire
 from uniond.service.values import wrap
 
 
+class _Buses(list):
+    """The buses an object is exported on, which dbus-next keeps in a set: 216 bytes
+    per object for the one bus, where this list takes 88 (10,000 objects and more)."""
+
+    __slots__ = ()
+    add = list.append
+
+
 class MountInterface(ServiceInterface):
     """org.uniond1.Mount: one object per mount, all properties read-only."""
 
@@ -34,7 +42,7 @@ class MountInterface(ServiceInterface):
             self._ServiceInterface__methods = methods
             self._ServiceInterface__properties = properties
             self._ServiceInterface__signals = signals
-            self._ServiceInterface__buses = set()
+            self._ServiceInterface__buses = _Buses()
         self.record = record
         self._packed: bytes | None = None
 
