@@ -389,12 +389,19 @@ def on_dbus_fast(top: str, address: str, lowers: list[str], raw: list, upper: st
 # ---- live mounts --------------------------------------------------------------------
 
 
-def make_live_mounts(state: str, top: str, lowers: list[str], n: int) -> None:
+def make_live_mounts(state: str, base: str, lowers: list[str], n: int) -> None:
     """``n`` read-only overlays and a journal that records them, as a crashed daemon
-    would leave them behind (its mounts stay, its record says what they are)."""
+    would leave them behind (its mounts stay, its record says what they are).
+
+    Their mountpoints are where uniond makes its own (its runtime directory, a tmpfs as
+    /run is), not beside the layers: the kernel's create walks every mount below the
+    mount a layer lives on (clone_private_mount's has_locked_children calls is_subdir
+    for each), so 10,000 overlays mounted on the layers' own file system make every
+    new overlay's fsconfig(CREATE) 0.17 -> 0.92 ms, whoever mounts it.
+    """
     store = StateStore(state)
     me = boot_id()
-    base = os.path.join(top, "live")
+    base = os.path.join(base, "live")
     os.makedirs(base, exist_ok=True)
     lower_fds = [syscalls.open_dir_nofollow(p) for p in lowers]
     try:
@@ -705,7 +712,7 @@ def main() -> None:
         if wanted("start") or wanted("roundtrip"):
             print(f"  making {args.live} live mounts ...", flush=True)
             crowded = Daemon(top, address, "crowded")
-            make_live_mounts(crowded.state, top, lowers, args.live)
+            make_live_mounts(crowded.state, crowded.run, lowers, args.live)
             gmo = Row(f"GetManagedObjects of {args.live}, at the socket", "0 mounts", "ms", "<= 100 ms")
             lst = Row(f"ListMounts of {args.live}, at the socket", "0 mounts", "ms", "<= 100 ms")
             for _ in range(args.reps):
