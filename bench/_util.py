@@ -53,3 +53,15 @@ def make_tree(root: str, dirs: int, files_per_dir: int, size: int = 0, prefix: s
             os.close(fd)
             count += 1
     return count
+
+
+def names_walk(path: str) -> int:
+    """Every entry below ``path``, by name only (d_type, no stat): the baseline a Diff
+    is held against, as it is the least any walk of the upper must do."""
+    n = 0
+    with os.scandir(path) as it:
+        for entry in it:
+            n += 1
+            if entry.is_dir(follow_symlinks=False):
+                n += names_walk(entry.path)
+    return n

@@ -16,19 +16,9 @@ import shutil
 import sys
 import tempfile
 
-from _util import best_of, make_tree, require_private_namespace
+from _util import best_of, make_tree, names_walk, require_private_namespace
 
 from uniond.layers import diff
-
-
-def scandir_walk(path: str) -> int:
-    n = 0
-    with os.scandir(path) as it:
-        for entry in it:
-            n += 1
-            if entry.is_dir(follow_symlinks=False):
-                n += scandir_walk(entry.path)
-    return n
 
 
 def scandir_lstat_walk(path: str) -> int:
@@ -52,8 +42,8 @@ def main() -> None:
         for d in range(0, 1000, 1):
             os.mknod(os.path.join(upper, f"d{d:04d}", "old00000"), 0o600 | 0o020000, 0)  # whiteout (D2)
             entries += 1
-        assert scandir_walk(upper) == entries
-        walk = best_of(5, lambda: scandir_walk(upper))
+        assert names_walk(upper) == entries
+        walk = best_of(5, lambda: names_walk(upper))
         walk_lstat = best_of(5, lambda: scandir_lstat_walk(upper))
         changes = []
         t = best_of(5, lambda: changes.append(len(diff.changes(upper, [lower]))))

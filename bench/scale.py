@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from _util import make_tree, require_private_namespace
+from _util import make_tree, names_walk, require_private_namespace
 from rawbus import CallFailed, RawBus, first_string, first_u64
 
 from uniond.kernel import overlay, syscalls
@@ -474,16 +474,6 @@ def slowest_ping_during(address: str, member: str, interface: str) -> tuple[floa
 
 
 # ---- Diff and layers ----------------------------------------------------------------
-
-
-def names_walk(path: str) -> int:
-    n = 0
-    with os.scandir(path) as it:
-        for entry in it:
-            n += 1
-            if entry.is_dir(follow_symlinks=False):
-                n += names_walk(entry.path)
-    return n
 
 
 def diff_into(bus: RawBus, mount: str) -> int:

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,21 @@ class Bus:
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=10)
+
+
+class PipeReader(threading.Thread):
+    """Reads a pipe's read end in a thread until its end (every write end closed), as a
+    caller of ExportDiff or DiffInto does; ``received`` holds what came."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(daemon=True)
+        self.fd = fd
+        self.received = bytearray()
+        self.start()
+
+    def run(self) -> None:
+        while chunk := os.read(self.fd, 1 << 16):
+            self.received.extend(chunk)
 
 
 class NotifySocket:

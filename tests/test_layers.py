@@ -14,7 +14,7 @@ import threading
 
 import pytest
 from dbus_next import Message, Variant
-from harness import ROOT, CallError
+from harness import ROOT, CallError, PipeReader
 from views import view
 
 from uniond import constants
@@ -117,16 +117,10 @@ def test_export_streams_and_the_daemon_answers_meanwhile(client, layers):
     with pytest.raises(CallError) as e:
         client.unmount(path)
     assert e.value.name == f"{E}.Busy", "a mount is not taken away from under its export"
-    received = bytearray()
-
-    def drain():
-        while chunk := os.read(read_end, 1 << 16):
-            received.extend(chunk)
-
-    reader = threading.Thread(target=drain)
-    reader.start()
+    reader = PipeReader(read_end)
     reply = client.loop.run_until_complete(asyncio.wait_for(pending, 60))
     reader.join()
+    received = reader.received
     os.close(read_end)
     assert reply.body == [len(received)]
     with tarfile.open(fileobj=io.BytesIO(bytes(received))) as tf:

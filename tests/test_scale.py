@@ -8,11 +8,10 @@ import asyncio
 import fcntl
 import os
 import subprocess
-import threading
 
 import pytest
 from dbus_next import Message
-from harness import CallError
+from harness import CallError, PipeReader
 
 from uniond import constants
 from uniond.kernel import syscalls
@@ -80,14 +79,7 @@ def test_diff_into_a_pipe_ends_when_the_call_returns(client, layers):
         (t / "upper" / f"file-{i:05d}-{long}").write_text("")
     path = client.mount([t / "image1"], t / "upper", t / "merge")
     read_end, write_end = os.pipe()
-    received = bytearray()
-
-    def drain():
-        while chunk := os.read(read_end, 1 << 16):
-            received.extend(chunk)
-
-    reader = threading.Thread(target=drain)
-    reader.start()
+    reader = PipeReader(read_end)
     msg = Message(destination=constants.BUS_NAME, path=constants.MANAGER_PATH, interface=constants.MANAGER_INTERFACE,
                   member="DiffInto", signature="oha{sv}", body=[path, 0, {}], unix_fds=[write_end])
     pending = asyncio.ensure_future(client.bus.call(msg), loop=client.loop)
@@ -98,7 +90,7 @@ def test_diff_into_a_pipe_ends_when_the_call_returns(client, layers):
     assert not reader.is_alive(), "the pipe reached its end: nobody holds its write end any more"
     assert fcntl.fcntl(read_end, fcntl.F_GETPIPE_SZ) == stream.PIPE_SIZE, "widened to stream faster"
     os.close(read_end)
-    got = records(bytes(received))
+    got = records(bytes(reader.received))
     assert reply.body == [5000] and len(got) == 5000
     assert {p for _, p in got} == {f"/file-{i:05d}-{long}".encode() for i in range(5000)}
     assert client.list() == [path], "the daemon is well"
